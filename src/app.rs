@@ -1,0 +1,118 @@
+//! Wiring: configuration → keyring, database, verifier, providers → router.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+
+use crate::auth::jwt::JwtVerifier;
+use crate::clock::SharedClock;
+use crate::config::{Config, ConfigError};
+use crate::crypto::{CryptoError, Keyring};
+use crate::http::{self, AppState};
+use crate::providers::ProviderRegistry;
+use crate::services::vault::TokenVault;
+use crate::storage::{Database, PoolSettings, StorageError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("encryption keys: {0}")]
+    Crypto(#[from] CryptoError),
+    #[error("database: {0}")]
+    Storage(#[from] StorageError),
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Builds the keyring from the configured keys.
+pub fn keyring(config: &Config) -> Result<Keyring, StartupError> {
+    let keys = config.encryption_keys()?;
+    Ok(Keyring::new(&keys.active, &keys.old)?)
+}
+
+/// Connects to the configured database and applies pending migrations.
+pub async fn open_database(config: &Config) -> Result<Database, StartupError> {
+    let db = Database::connect(config.database_url.expose_secret(), PoolSettings::default()).await?;
+    db.migrate().await?;
+    Ok(db)
+}
+
+/// A ready-to-serve application.
+pub struct Application {
+    pub state: AppState,
+}
+
+impl Application {
+    pub async fn build(config: Config, clock: SharedClock) -> Result<Self, StartupError> {
+        config.validate_for_serve()?;
+        let keyring = Arc::new(keyring(&config)?);
+        let providers = Arc::new(ProviderRegistry::from_config(&config)?);
+        let verifier = Arc::new(JwtVerifier::new(
+            &config.jwt,
+            config.role_permissions.clone(),
+            clock.clone(),
+        )?);
+        let db = open_database(&config).await?;
+        tracing::info!(backend = db.backend(), key_id = keyring.active_key_id(), "storage ready");
+        Ok(Self {
+            state: AppState {
+                config: Arc::new(config),
+                db,
+                verifier,
+                providers,
+                vault: TokenVault::new(keyring),
+                clock,
+            },
+        })
+    }
+
+    pub fn router(&self) -> Router {
+        http::router(self.state.clone())
+    }
+
+    /// Serves until `shutdown` completes, then lets in-flight requests finish.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let router = self.router();
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await?;
+        self.state.db.close().await;
+        Ok(())
+    }
+}
+
+/// Completes on SIGTERM (orchestrators) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+}

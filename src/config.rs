@@ -1,0 +1,546 @@
+//! Configuration from the environment (12-factor), validated once at start-up.
+//!
+//! Every error names the variable at fault. Secrets can also be given as a `*_FILE` twin
+//! (`OAUTH_ENCRYPTION_KEY_FILE=/run/secrets/key`), as container platforms expect; setting
+//! both the variable and its twin is an error rather than a silent precedence rule.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use base64::Engine;
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+use crate::auth::rbac::RoleMap;
+use crate::crypto::KeyMaterial;
+
+pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:8000";
+pub const DEFAULT_PUBLIC_URL: &str = "http://localhost:8000";
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://oauth-manager.db?mode=rwc";
+const DEFAULT_JWT_LEEWAY_SECONDS: u64 = 30;
+const MAX_JWT_LEEWAY_SECONDS: u64 = 300;
+/// RFC 7518 §3.2: an HMAC key must be at least as long as the hash output.
+const MIN_JWT_SECRET_BYTES: usize = 32;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{var} is required: {hint}")]
+    Missing { var: String, hint: String },
+    #[error("{var} is invalid: {reason}")]
+    Invalid { var: String, reason: String },
+    #[error("{var} and {var}_FILE are both set; set only one of them")]
+    Ambiguous { var: String },
+    #[error("{var}_FILE: cannot read {path}: {reason}")]
+    File {
+        var: String,
+        path: String,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    pub fn invalid(var: &str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            var: var.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn missing(var: &str, hint: impl Into<String>) -> Self {
+        Self::Missing {
+            var: var.to_owned(),
+            hint: hint.into(),
+        }
+    }
+}
+
+/// Read access to environment variables; a closure so tests can pass a map.
+pub struct Env<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl<'a> Env<'a> {
+    pub fn new(lookup: &'a dyn Fn(&str) -> Option<String>) -> Self {
+        Self { lookup }
+    }
+
+    /// A plain variable; empty counts as unset.
+    pub fn var(&self, name: &str) -> Option<String> {
+        (self.lookup)(name).filter(|value| !value.trim().is_empty())
+    }
+
+    /// A secret variable or its `_FILE` twin (file content, trailing newline removed).
+    pub fn secret(&self, name: &str) -> Result<Option<SecretString>, ConfigError> {
+        let file_var = format!("{name}_FILE");
+        match (self.var(name), self.var(&file_var)) {
+            (Some(_), Some(_)) => Err(ConfigError::Ambiguous {
+                var: name.to_owned(),
+            }),
+            (Some(value), None) => Ok(Some(SecretString::from(value))),
+            (None, Some(path)) => read_secret_file(name, &path).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+fn read_secret_file(var: &str, path: &str) -> Result<SecretString, ConfigError> {
+    let content = std::fs::read_to_string(path).map_err(|err| ConfigError::File {
+        var: var.to_owned(),
+        path: path.to_owned(),
+        reason: err.to_string(),
+    })?;
+    Ok(SecretString::from(
+        content.trim_end_matches(['\r', '\n']).to_owned(),
+    ))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Where the verification key for callers' JWTs comes from.
+#[derive(Debug, Clone)]
+pub enum JwtKeySource {
+    /// HS256 shared secret (`OAUTH_JWT_SECRET`).
+    Secret(SecretString),
+    /// RS256 or ES256 public key in PEM (`OAUTH_JWT_PUBLIC_KEY`).
+    PublicKeyPem(String),
+    /// A JWKS document (`OAUTH_JWT_JWKS_URL`), cached and refetched on an unknown `kid`.
+    JwksUrl(Url),
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    pub key: Option<JwtKeySource>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// Claim holding the caller's roles; a dotted path reaches nested claims
+    /// (`realm_access.roles` for Keycloak).
+    pub roles_claim: String,
+    pub leeway_seconds: u64,
+}
+
+/// The active data-encryption key and older keys that stay readable until rotated away.
+#[derive(Debug, Clone)]
+pub struct EncryptionKeys {
+    pub active: KeyMaterial,
+    pub old: Vec<KeyMaterial>,
+}
+
+/// Client credentials of a built-in provider, read from `{PREFIX}_CLIENT_ID` / `_SECRET`.
+#[derive(Debug, Clone, Default)]
+pub struct ClientCredentials {
+    pub client_id: Option<String>,
+    pub client_secret: Option<SecretString>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    pub public_url: Url,
+    pub database_url: SecretString,
+    pub encryption: Option<EncryptionKeys>,
+    pub jwt: JwtSettings,
+    pub role_permissions: RoleMap,
+    pub providers_file: Option<PathBuf>,
+    pub allowed_return_urls: Vec<Url>,
+    pub redis_url: Option<SecretString>,
+    pub log_format: LogFormat,
+    /// Built-in providers' credentials by environment prefix (`GOOGLE`, `MICROSOFT`, ...).
+    pub client_credentials: HashMap<String, ClientCredentials>,
+    /// Other provider settings read from the environment (`MICROSOFT_TENANT`, ...).
+    pub provider_settings: HashMap<String, String>,
+}
+
+/// Environment prefixes whose `_CLIENT_ID` / `_CLIENT_SECRET` are read at start-up.
+pub const PROVIDER_ENV_PREFIXES: &[&str] = &["GOOGLE", "MICROSOFT", "NOTION", "YOUTUBE"];
+/// Further provider variables read at start-up.
+pub const PROVIDER_SETTING_VARS: &[&str] = &["MICROSOFT_TENANT", "NOTION_VERSION"];
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let lookup = |name: &str| std::env::var(name).ok();
+        Self::from_lookup(&Env::new(&lookup))
+    }
+
+    pub fn from_lookup(env: &Env<'_>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            listen_addr: parse_listen_addr(env)?,
+            public_url: parse_public_url(env)?,
+            database_url: parse_database_url(env)?,
+            encryption: parse_encryption_keys(env)?,
+            jwt: parse_jwt(env)?,
+            role_permissions: parse_role_map(env)?,
+            providers_file: env.var("OAUTH_PROVIDERS_FILE").map(PathBuf::from),
+            allowed_return_urls: parse_return_urls(env)?,
+            redis_url: env.secret("REDIS_URL")?,
+            log_format: parse_log_format(env)?,
+            client_credentials: parse_client_credentials(env)?,
+            provider_settings: PROVIDER_SETTING_VARS
+                .iter()
+                .filter_map(|name| env.var(name).map(|value| ((*name).to_owned(), value)))
+                .collect(),
+        })
+    }
+
+    /// The keys, or the error `serve` and `keys rotate` report when none is configured.
+    pub fn encryption_keys(&self) -> Result<&EncryptionKeys, ConfigError> {
+        self.encryption.as_ref().ok_or_else(|| {
+            ConfigError::missing(
+                "OAUTH_ENCRYPTION_KEY",
+                "base64 of 32 random bytes (generate one with `oauth-manager keys generate`)",
+            )
+        })
+    }
+
+    /// Checks what `serve` needs beyond what every command needs.
+    pub fn validate_for_serve(&self) -> Result<(), ConfigError> {
+        self.encryption_keys()?;
+        if self.jwt.key.is_none() {
+            return Err(ConfigError::missing(
+                "OAUTH_JWT_SECRET",
+                "set one of OAUTH_JWT_SECRET (HS256), OAUTH_JWT_PUBLIC_KEY (RS256/ES256 PEM) \
+                 or OAUTH_JWT_JWKS_URL so callers' JWTs can be verified",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        is_postgres_url(self.database_url.expose_secret())
+    }
+}
+
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+fn parse_listen_addr(env: &Env<'_>) -> Result<SocketAddr, ConfigError> {
+    let raw = env
+        .var("OAUTH_LISTEN_ADDR")
+        .unwrap_or_else(|| DEFAULT_LISTEN_ADDR.to_owned());
+    raw.parse().map_err(|_| {
+        ConfigError::invalid(
+            "OAUTH_LISTEN_ADDR",
+            format!("{raw:?} is not an address:port such as 0.0.0.0:8000"),
+        )
+    })
+}
+
+fn parse_public_url(env: &Env<'_>) -> Result<Url, ConfigError> {
+    const VAR: &str = "OAUTH_PUBLIC_URL";
+    let raw = env
+        .var(VAR)
+        .unwrap_or_else(|| DEFAULT_PUBLIC_URL.to_owned());
+    let url = Url::parse(raw.trim_end_matches('/'))
+        .map_err(|err| ConfigError::invalid(VAR, format!("{raw:?} is not a URL: {err}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(ConfigError::invalid(VAR, "must be an http(s) URL with a host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ConfigError::invalid(VAR, "must not carry a query or fragment"));
+    }
+    Ok(url)
+}
+
+fn parse_database_url(env: &Env<'_>) -> Result<SecretString, ConfigError> {
+    let url = env
+        .secret("DATABASE_URL")?
+        .unwrap_or_else(|| SecretString::from(DEFAULT_DATABASE_URL));
+    let raw = url.expose_secret();
+    if raw.starts_with("sqlite:") || is_postgres_url(raw) {
+        Ok(url)
+    } else {
+        Err(ConfigError::invalid(
+            "DATABASE_URL",
+            "must start with sqlite: or postgres:// (postgresql://)",
+        ))
+    }
+}
+
+/// Decodes base64 (standard or URL-safe, padding optional) into a 32-byte key.
+pub fn decode_key(var: &str, encoded: &str) -> Result<KeyMaterial, ConfigError> {
+    let trimmed = encoded.trim().trim_end_matches('=');
+    let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(trimmed)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(trimmed))
+        .map_err(|_| ConfigError::invalid(var, "not valid base64"))?;
+    KeyMaterial::from_slice(&bytes).ok_or_else(|| {
+        ConfigError::invalid(
+            var,
+            format!("must decode to exactly 32 bytes, got {}", bytes.len()),
+        )
+    })
+}
+
+fn parse_encryption_keys(env: &Env<'_>) -> Result<Option<EncryptionKeys>, ConfigError> {
+    const ACTIVE: &str = "OAUTH_ENCRYPTION_KEY";
+    const OLD: &str = "OAUTH_ENCRYPTION_OLD_KEYS";
+    let old = match env.secret(OLD)? {
+        Some(list) => list
+            .expose_secret()
+            .split([',', '\n'])
+            .filter(|item| !item.trim().is_empty())
+            .map(|item| decode_key(OLD, item))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => Vec::new(),
+    };
+    let Some(active) = env.secret(ACTIVE)? else {
+        if !old.is_empty() {
+            return Err(ConfigError::missing(ACTIVE, "old keys need an active key"));
+        }
+        return Ok(None);
+    };
+    let active = decode_key(ACTIVE, active.expose_secret())?;
+    Ok(Some(EncryptionKeys { active, old }))
+}
+
+fn parse_jwt(env: &Env<'_>) -> Result<JwtSettings, ConfigError> {
+    let secret = env.secret("OAUTH_JWT_SECRET")?;
+    let pem = env
+        .secret("OAUTH_JWT_PUBLIC_KEY")?
+        // A PEM squeezed into one line of an env file often carries literal "\n".
+        .map(|pem| pem.expose_secret().replace("\\n", "\n"));
+    let jwks = env.var("OAUTH_JWT_JWKS_URL");
+    let key = match (secret, pem, jwks) {
+        (None, None, None) => None,
+        (Some(secret), None, None) => Some(validate_jwt_secret(secret)?),
+        (None, Some(pem), None) => Some(JwtKeySource::PublicKeyPem(pem)),
+        (None, None, Some(url)) => Some(JwtKeySource::JwksUrl(parse_outbound_url(
+            "OAUTH_JWT_JWKS_URL",
+            &url,
+        )?)),
+        _ => {
+            return Err(ConfigError::invalid(
+                "OAUTH_JWT_SECRET",
+                "set only one of OAUTH_JWT_SECRET, OAUTH_JWT_PUBLIC_KEY, OAUTH_JWT_JWKS_URL",
+            ))
+        }
+    };
+    Ok(JwtSettings {
+        key,
+        issuer: env.var("OAUTH_JWT_ISSUER"),
+        audience: env.var("OAUTH_JWT_AUDIENCE"),
+        roles_claim: env
+            .var("OAUTH_JWT_ROLES_CLAIM")
+            .unwrap_or_else(|| "roles".to_owned()),
+        leeway_seconds: parse_leeway(env)?,
+    })
+}
+
+fn validate_jwt_secret(secret: SecretString) -> Result<JwtKeySource, ConfigError> {
+    if secret.expose_secret().len() < MIN_JWT_SECRET_BYTES {
+        return Err(ConfigError::invalid(
+            "OAUTH_JWT_SECRET",
+            format!("must be at least {MIN_JWT_SECRET_BYTES} bytes long for HS256"),
+        ));
+    }
+    Ok(JwtKeySource::Secret(secret))
+}
+
+fn parse_leeway(env: &Env<'_>) -> Result<u64, ConfigError> {
+    const VAR: &str = "OAUTH_JWT_LEEWAY_SECONDS";
+    let Some(raw) = env.var(VAR) else {
+        return Ok(DEFAULT_JWT_LEEWAY_SECONDS);
+    };
+    match raw.trim().parse::<u64>() {
+        Ok(seconds) if seconds <= MAX_JWT_LEEWAY_SECONDS => Ok(seconds),
+        _ => Err(ConfigError::invalid(
+            VAR,
+            format!("must be a whole number of seconds from 0 to {MAX_JWT_LEEWAY_SECONDS}"),
+        )),
+    }
+}
+
+/// Outbound endpoints must use TLS, except on loopback for local testing.
+pub fn parse_outbound_url(var: &str, raw: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(raw).map_err(|err| ConfigError::invalid(var, err.to_string()))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback(&url) => Ok(url),
+        _ => Err(ConfigError::invalid(
+            var,
+            "must be an https:// URL (http:// is accepted only for loopback addresses)",
+        )),
+    }
+}
+
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+fn parse_role_map(env: &Env<'_>) -> Result<RoleMap, ConfigError> {
+    const VAR: &str = "OAUTH_ROLE_PERMISSIONS";
+    match env.var(VAR) {
+        Some(json) => RoleMap::from_json(&json).map_err(|reason| ConfigError::invalid(VAR, reason)),
+        None => Ok(RoleMap::default()),
+    }
+}
+
+fn parse_return_urls(env: &Env<'_>) -> Result<Vec<Url>, ConfigError> {
+    const VAR: &str = "OAUTH_ALLOWED_RETURN_URLS";
+    let Some(raw) = env.var(VAR) else {
+        return Ok(Vec::new());
+    };
+    raw.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            let url = Url::parse(item)
+                .map_err(|err| ConfigError::invalid(VAR, format!("{item:?}: {err}")))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(ConfigError::invalid(
+                    VAR,
+                    format!("{item:?} must be an absolute http(s) URL"),
+                ));
+            }
+            Ok(url)
+        })
+        .collect()
+}
+
+fn parse_log_format(env: &Env<'_>) -> Result<LogFormat, ConfigError> {
+    match env.var("OAUTH_LOG_FORMAT").as_deref() {
+        None | Some("json") => Ok(LogFormat::Json),
+        Some("pretty") => Ok(LogFormat::Pretty),
+        Some(other) => Err(ConfigError::invalid(
+            "OAUTH_LOG_FORMAT",
+            format!("{other:?} is neither json nor pretty"),
+        )),
+    }
+}
+
+fn parse_client_credentials(
+    env: &Env<'_>,
+) -> Result<HashMap<String, ClientCredentials>, ConfigError> {
+    PROVIDER_ENV_PREFIXES
+        .iter()
+        .map(|prefix| {
+            let credentials = ClientCredentials {
+                client_id: env.var(&format!("{prefix}_CLIENT_ID")),
+                client_secret: env.secret(&format!("{prefix}_CLIENT_SECRET"))?,
+            };
+            Ok(((*prefix).to_owned(), credentials))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let lookup = move |name: &str| map.get(name).cloned();
+        Config::from_lookup(&Env::new(&lookup))
+    }
+
+    fn invalid_var(result: Result<Config, ConfigError>) -> String {
+        match result {
+            Err(ConfigError::Invalid { var, .. }) | Err(ConfigError::Missing { var, .. }) => var,
+            other => panic!("expected an invalid/missing variable, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let config = load(&[]).expect("defaults load");
+        assert_eq!(config.listen_addr.to_string(), DEFAULT_LISTEN_ADDR);
+        assert_eq!(config.public_url.as_str(), "http://localhost:8000/");
+        assert_eq!(config.database_url.expose_secret(), DEFAULT_DATABASE_URL);
+        assert!(config.encryption.is_none());
+        assert_eq!(config.jwt.roles_claim, "roles");
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert!(!config.is_postgres());
+    }
+
+    #[test]
+    fn each_bad_variable_is_named_in_the_error() {
+        let cases: &[(&str, &str)] = &[
+            ("OAUTH_LISTEN_ADDR", "not-an-address"),
+            ("OAUTH_PUBLIC_URL", "ftp://example.com"),
+            ("DATABASE_URL", "mysql://localhost/db"),
+            ("OAUTH_ENCRYPTION_KEY", "c2hvcnQ="),
+            ("OAUTH_ENCRYPTION_KEY", "%%% not base64"),
+            ("OAUTH_JWT_SECRET", "too-short"),
+            ("OAUTH_JWT_JWKS_URL", "http://idp.example.com/jwks"),
+            ("OAUTH_JWT_LEEWAY_SECONDS", "9999"),
+            ("OAUTH_ROLE_PERMISSIONS", "{\"user\": [\"fly\"]}"),
+            ("OAUTH_ALLOWED_RETURN_URLS", "not a url"),
+            ("OAUTH_LOG_FORMAT", "xml"),
+        ];
+        for (var, value) in cases {
+            assert_eq!(&invalid_var(load(&[(var, value)])), var, "value {value:?}");
+        }
+    }
+
+    #[test]
+    fn serve_requires_a_key_and_a_jwt_verifier() {
+        let err = load(&[]).expect("loads").validate_for_serve();
+        assert!(matches!(err, Err(ConfigError::Missing { var, .. }) if var == "OAUTH_ENCRYPTION_KEY"));
+        let config = load(&[("OAUTH_ENCRYPTION_KEY", KEY)]).expect("loads");
+        let err = config.validate_for_serve();
+        assert!(matches!(err, Err(ConfigError::Missing { var, .. }) if var == "OAUTH_JWT_SECRET"));
+        let config = load(&[
+            ("OAUTH_ENCRYPTION_KEY", KEY),
+            ("OAUTH_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+        ])
+        .expect("loads");
+        assert!(config.validate_for_serve().is_ok());
+    }
+
+    #[test]
+    fn secrets_can_come_from_a_file_twin_but_not_both() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("key");
+        std::fs::write(&path, format!("{KEY}\n")).expect("write");
+        let path = path.to_string_lossy().into_owned();
+        let config = load(&[("OAUTH_ENCRYPTION_KEY_FILE", &path)]).expect("loads");
+        assert!(config.encryption.is_some());
+        let both = load(&[
+            ("OAUTH_ENCRYPTION_KEY_FILE", &path),
+            ("OAUTH_ENCRYPTION_KEY", KEY),
+        ]);
+        assert!(matches!(both, Err(ConfigError::Ambiguous { var }) if var == "OAUTH_ENCRYPTION_KEY"));
+        let missing = load(&[("OAUTH_ENCRYPTION_KEY_FILE", "/nonexistent/key")]);
+        assert!(matches!(missing, Err(ConfigError::File { var, .. }) if var == "OAUTH_ENCRYPTION_KEY"));
+    }
+
+    #[test]
+    fn only_one_jwt_key_source_is_accepted() {
+        let result = load(&[
+            ("OAUTH_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+            ("OAUTH_JWT_JWKS_URL", "https://idp.example.com/jwks"),
+        ]);
+        assert_eq!(invalid_var(result), "OAUTH_JWT_SECRET");
+    }
+
+    #[test]
+    fn loopback_http_is_allowed_for_jwks() {
+        let config = load(&[("OAUTH_JWT_JWKS_URL", "http://127.0.0.1:9/jwks")]).expect("loads");
+        assert!(matches!(config.jwt.key, Some(JwtKeySource::JwksUrl(_))));
+    }
+
+    #[test]
+    fn error_messages_never_echo_secret_values() {
+        let secret = "short-secret-value";
+        let err = load(&[("OAUTH_JWT_SECRET", secret)]).expect_err("too short");
+        assert!(!err.to_string().contains(secret));
+        let debug = format!("{:?}", load(&[("OAUTH_ENCRYPTION_KEY", KEY)]).expect("loads"));
+        assert!(!debug.contains(KEY), "Debug output leaked the key");
+    }
+}

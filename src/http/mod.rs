@@ -1,0 +1,114 @@
+//! HTTP layer: routes, extractors and the one error mapping. Handlers stay thin: they parse,
+//! call a service with an `Actor`, and shape the response.
+
+pub mod error;
+pub mod extract;
+pub mod routes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::auth::jwt::JwtVerifier;
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::providers::ProviderRegistry;
+use crate::services::vault::TokenVault;
+use crate::storage::Database;
+use error::ApiError;
+
+pub const API_PREFIX: &str = "/api/v1/oauth";
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Bodies of this API are small JSON documents.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+/// No request may hang longer than this, whatever a dependency does.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything a handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Database,
+    pub verifier: Arc<JwtVerifier>,
+    pub providers: Arc<ProviderRegistry>,
+    pub vault: TokenVault,
+    pub clock: SharedClock,
+}
+
+impl AppState {
+    /// The redirect URI registered at a provider: `{OAUTH_PUBLIC_URL}/api/v1/oauth/callback/{name}`.
+    pub fn redirect_uri(&self, provider: &str) -> String {
+        let base = self.config.public_url.as_str().trim_end_matches('/');
+        format!("{base}{API_PREFIX}/callback/{provider}")
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/openapi.json", get(routes::openapi::openapi_json))
+        .route("/providers", get(routes::providers::list))
+        .route("/integrations", get(routes::integrations::list))
+        .route("/integrations/{id}", get(routes::integrations::get))
+        // Responses of this API may carry tokens: never cache them anywhere.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ));
+    Router::new()
+        .route("/healthz", get(routes::health::healthz))
+        .route("/readyz", get(routes::health::readyz))
+        .nest(API_PREFIX, api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                    let request_id = request
+                        .headers()
+                        .get(REQUEST_ID)
+                        .and_then(|value| value.to_str().ok())
+                        .unwrap_or_default();
+                    // The path only: query strings of callbacks carry authorization codes.
+                    tracing::info_span!("request", method = %request.method(),
+                        path = %request.uri().path(), request_id = %request_id)
+                }))
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                .layer(SetResponseHeaderLayer::if_not_present(
+                    header::X_CONTENT_TYPE_OPTIONS,
+                    HeaderValue::from_static("nosniff"),
+                ))
+                .layer(middleware::from_fn(request_timeout))
+                .layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        )
+}
+
+async fn request_timeout(request: Request, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::unavailable("request_timeout", "the request took too long", 1).into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found()
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}

@@ -1,0 +1,62 @@
+//! `GET /api/v1/oauth/providers`.
+
+use axum::extract::State;
+use axum::Json;
+use serde::Serialize;
+
+use crate::http::extract::Authenticated;
+use crate::http::AppState;
+use crate::providers::{Protocol, Provider};
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProviderView {
+    /// Name used in routes (`google`, `microsoft`, `notion`, `youtube`, or a declared one).
+    pub name: String,
+    pub display_name: String,
+    pub protocol: Protocol,
+    /// Client id and secret are set.
+    pub configured: bool,
+    /// Environment variables still to set before the provider can be used.
+    pub missing_variables: Vec<String>,
+    pub supports_pkce: bool,
+    pub supports_revocation: bool,
+    pub default_scopes: Vec<String>,
+    /// The redirect URI to register at the provider.
+    pub redirect_uri: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProviderList {
+    pub items: Vec<ProviderView>,
+}
+
+/// Lists every provider, configured or not.
+#[utoipa::path(get, path = "/api/v1/oauth/providers", tag = "providers",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = ProviderList),
+        (status = 401, body = crate::http::error::Problem),
+    ))]
+pub async fn list(State(state): State<AppState>, _caller: Authenticated) -> Json<ProviderList> {
+    let items = state
+        .providers
+        .iter()
+        .map(|provider| view(&state, provider))
+        .collect();
+    Json(ProviderList { items })
+}
+
+fn view(state: &AppState, provider: &Provider) -> ProviderView {
+    let definition = &provider.definition;
+    ProviderView {
+        name: definition.name.clone(),
+        display_name: definition.display_name.clone(),
+        protocol: definition.protocol,
+        configured: provider.is_configured(),
+        missing_variables: provider.missing_variables(),
+        supports_pkce: definition.pkce,
+        supports_revocation: definition.revocation_url.is_some(),
+        default_scopes: definition.default_scopes.clone(),
+        redirect_uri: state.redirect_uri(&definition.name),
+    }
+}

@@ -1,0 +1,69 @@
+//! `oauth_consents`: what a user granted to which provider, when, and whether withdrawn.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::{with_pool, Database, Page, Paged, StorageResult};
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Consent {
+    pub id: Uuid,
+    pub user_id: String,
+    pub provider: String,
+    pub integration_id: Option<Uuid>,
+    pub scopes_granted: Json<Vec<String>>,
+    pub scopes_denied: Json<Vec<String>>,
+    /// The catalog descriptions the user was shown, as they were at the time.
+    pub descriptions_shown: Json<Value>,
+    pub client_ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub granted_at: DateTime<Utc>,
+    pub withdrawn_at: Option<DateTime<Utc>>,
+}
+
+const COLUMNS: &str = "id, user_id, provider, integration_id, scopes_granted, scopes_denied, \
+    descriptions_shown, client_ip, user_agent, granted_at, withdrawn_at";
+
+impl Database {
+    pub async fn insert_consent(&self, consent: &Consent) -> StorageResult<()> {
+        let sql = format!(
+            "INSERT INTO oauth_consents ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        );
+        with_pool!(self, pool => sqlx::query(&sql)
+            .bind(consent.id)
+            .bind(&consent.user_id)
+            .bind(&consent.provider)
+            .bind(consent.integration_id)
+            .bind(&consent.scopes_granted)
+            .bind(&consent.scopes_denied)
+            .bind(&consent.descriptions_shown)
+            .bind(&consent.client_ip)
+            .bind(&consent.user_agent)
+            .bind(consent.granted_at)
+            .bind(consent.withdrawn_at)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    pub async fn list_consents(
+        &self,
+        user_id: Option<&str>,
+        page: Page<Uuid>,
+    ) -> StorageResult<Paged<Consent, Uuid>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM oauth_consents WHERE ($1 IS NULL OR user_id = $1) \
+             AND ($2 IS NULL OR id > $2) ORDER BY id LIMIT $3"
+        );
+        let rows: Vec<Consent> = with_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(user_id)
+            .bind(page.after)
+            .bind(page.fetch_limit())
+            .fetch_all(pool)
+            .await)?;
+        Ok(Paged::from_rows(rows, page.limit, |consent| consent.id))
+    }
+}

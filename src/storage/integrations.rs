@@ -1,0 +1,190 @@
+//! `oauth_integrations`: one connected provider account of one user.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::{with_pool, Database, Page, Paged, StorageError, StorageResult};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum IntegrationStatus {
+    Active,
+    NeedsReauth,
+    Revoked,
+    Error,
+}
+
+impl IntegrationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntegrationStatus::Active => "active",
+            IntegrationStatus::NeedsReauth => "needs_reauth",
+            IntegrationStatus::Revoked => "revoked",
+            IntegrationStatus::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for IntegrationStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for IntegrationStatus {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "active" => Ok(Self::Active),
+            "needs_reauth" => Ok(Self::NeedsReauth),
+            "revoked" => Ok(Self::Revoked),
+            "error" => Ok(Self::Error),
+            other => Err(format!("unknown integration status {other:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Integration {
+    pub id: Uuid,
+    pub user_id: String,
+    pub provider: String,
+    pub provider_account_id: String,
+    pub account_email: Option<String>,
+    pub account_name: Option<String>,
+    pub account_metadata: Value,
+    pub status: IntegrationStatus,
+    pub granted_scopes: Vec<String>,
+    pub requested_scopes: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_refreshed_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: Uuid,
+    user_id: String,
+    provider: String,
+    provider_account_id: String,
+    account_email: Option<String>,
+    account_name: Option<String>,
+    account_metadata: Json<Value>,
+    status: String,
+    granted_scopes: Json<Vec<String>>,
+    requested_scopes: Json<Vec<String>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    last_refreshed_at: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+    last_error_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<Row> for Integration {
+    type Error = StorageError;
+
+    fn try_from(row: Row) -> Result<Self, Self::Error> {
+        Ok(Self {
+            id: row.id,
+            user_id: row.user_id,
+            provider: row.provider,
+            provider_account_id: row.provider_account_id,
+            account_email: row.account_email,
+            account_name: row.account_name,
+            account_metadata: row.account_metadata.0,
+            status: row.status.parse().map_err(StorageError::Corrupt)?,
+            granted_scopes: row.granted_scopes.0,
+            requested_scopes: row.requested_scopes.0,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            last_refreshed_at: row.last_refreshed_at,
+            last_error: row.last_error,
+            last_error_at: row.last_error_at,
+        })
+    }
+}
+
+const COLUMNS: &str = "id, user_id, provider, provider_account_id, account_email, account_name, \
+    account_metadata, status, granted_scopes, requested_scopes, created_at, updated_at, \
+    last_refreshed_at, last_error, last_error_at";
+
+/// What listing filters on; `None` means "any".
+#[derive(Debug, Clone, Default)]
+pub struct IntegrationFilter {
+    pub user_id: Option<String>,
+    pub provider: Option<String>,
+    pub status: Option<IntegrationStatus>,
+}
+
+impl Database {
+    pub async fn insert_integration(&self, integration: &Integration) -> StorageResult<()> {
+        let sql = format!(
+            "INSERT INTO oauth_integrations ({COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+        );
+        with_pool!(self, pool => sqlx::query(&sql)
+            .bind(integration.id)
+            .bind(&integration.user_id)
+            .bind(&integration.provider)
+            .bind(&integration.provider_account_id)
+            .bind(&integration.account_email)
+            .bind(&integration.account_name)
+            .bind(Json(&integration.account_metadata))
+            .bind(integration.status.as_str())
+            .bind(Json(&integration.granted_scopes))
+            .bind(Json(&integration.requested_scopes))
+            .bind(integration.created_at)
+            .bind(integration.updated_at)
+            .bind(integration.last_refreshed_at)
+            .bind(&integration.last_error)
+            .bind(integration.last_error_at)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    pub async fn get_integration(&self, id: Uuid) -> StorageResult<Option<Integration>> {
+        let sql = format!("SELECT {COLUMNS} FROM oauth_integrations WHERE id = $1");
+        let row: Option<Row> = with_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(pool)
+            .await)?;
+        row.map(Integration::try_from).transpose()
+    }
+
+    /// Integrations matching `filter`, in id (creation) order, one page at a time.
+    pub async fn list_integrations(
+        &self,
+        filter: &IntegrationFilter,
+        page: Page<Uuid>,
+    ) -> StorageResult<Paged<Integration, Uuid>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM oauth_integrations \
+             WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR provider = $2) \
+               AND ($3 IS NULL OR status = $3) AND ($4 IS NULL OR id > $4) \
+             ORDER BY id LIMIT $5"
+        );
+        let rows: Vec<Row> = with_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(&filter.user_id)
+            .bind(&filter.provider)
+            .bind(filter.status.map(IntegrationStatus::as_str))
+            .bind(page.after)
+            .bind(page.fetch_limit())
+            .fetch_all(pool)
+            .await)?;
+        let items = rows
+            .into_iter()
+            .map(Integration::try_from)
+            .collect::<StorageResult<Vec<_>>>()?;
+        Ok(Paged::from_rows(items, page.limit, |integration| integration.id))
+    }
+}

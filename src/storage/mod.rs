@@ -1,0 +1,180 @@
+//! Storage: the only module with SQL.
+//!
+//! [`Database`] wraps a PostgreSQL or a SQLite pool. Each query is written once, in the SQL both
+//! understand (`$n` parameters, `RETURNING`, `ON CONFLICT`), and [`with_pool!`] compiles it for
+//! both drivers; the few statements whose semantics differ (row locks) spell out both arms.
+//! UUIDs, timestamps, JSON and bytes bind through sqlx's own types on both backends, which is
+//! why this is not sqlx's `Any` driver (it has no UUID or timestamp types).
+//!
+//! One repository per table: [`integrations`], [`tokens`], [`scopes`], [`consents`],
+//! [`state`], [`audit`].
+
+pub mod audit;
+pub mod consents;
+pub mod integrations;
+pub mod scopes;
+pub mod state;
+pub mod tokens;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+
+use crate::config::is_postgres_url;
+
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How long a request waits for a pooled connection before failing (fast 503, not a hang).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl StorageError {
+    /// The database could not be reached (as opposed to a query being wrong).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Database(
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_)
+            )
+        )
+    }
+
+    /// A unique constraint rejected the write.
+    pub fn is_unique_violation(&self) -> bool {
+        match self {
+            StorageError::Database(sqlx::Error::Database(err)) => err.is_unique_violation(),
+            _ => false,
+        }
+    }
+}
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+#[derive(Debug, Clone)]
+pub enum Database {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// Runs `$body` with `$pool` bound to whichever pool `$db` holds; the body is compiled once per
+/// driver, so a query written inside works, and is type-checked, on both.
+macro_rules! with_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::storage::Database::Postgres($pool) => $body,
+            $crate::storage::Database::Sqlite($pool) => $body,
+        }
+    };
+}
+pub(crate) use with_pool;
+
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub max_connections: u32,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self { max_connections: 16 }
+    }
+}
+
+impl Database {
+    pub async fn connect(url: &str, settings: PoolSettings) -> StorageResult<Self> {
+        if is_postgres_url(url) {
+            let options = PgConnectOptions::from_str(url)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(settings.max_connections)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options)
+                .await?;
+            Ok(Self::Postgres(pool))
+        } else {
+            let options = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(settings.max_connections)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options)
+                .await?;
+            Ok(Self::Sqlite(pool))
+        }
+    }
+
+    /// Applies pending migrations; running it again is a no-op.
+    pub async fn migrate(&self) -> StorageResult<()> {
+        match self {
+            Database::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await?,
+            Database::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await?,
+        }
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> StorageResult<()> {
+        with_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Database::Postgres(_) => "postgres",
+            Database::Sqlite(_) => "sqlite",
+        }
+    }
+
+    pub async fn close(&self) {
+        with_pool!(self, pool => pool.close().await);
+    }
+}
+
+/// A page of a cursor-paginated listing: rows after `after`, at most `limit`.
+#[derive(Debug, Clone, Copy)]
+pub struct Page<C> {
+    pub after: Option<C>,
+    pub limit: u32,
+}
+
+impl<C> Page<C> {
+    /// Fetch one row more than asked, to know whether another page exists.
+    fn fetch_limit(&self) -> i64 {
+        i64::from(self.limit) + 1
+    }
+}
+
+/// Rows of one page and the cursor of the next, if any.
+#[derive(Debug, Clone)]
+pub struct Paged<T, C> {
+    pub items: Vec<T>,
+    pub next: Option<C>,
+}
+
+impl<T, C> Paged<T, C> {
+    fn from_rows(mut rows: Vec<T>, limit: u32, cursor: impl Fn(&T) -> C) -> Self {
+        let limit = limit as usize;
+        let next = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(&cursor)
+        } else {
+            None
+        };
+        Self { items: rows, next }
+    }
+}
