@@ -36,7 +36,8 @@ pub fn keyring(config: &Config) -> Result<Keyring, StartupError> {
 
 /// Connects to the configured database and applies pending migrations.
 pub async fn open_database(config: &Config) -> Result<Database, StartupError> {
-    let db = Database::connect(config.database_url.expose_secret(), PoolSettings::default()).await?;
+    let db =
+        Database::connect(config.database_url.expose_secret(), PoolSettings::default()).await?;
     db.migrate().await?;
     Ok(db)
 }
@@ -57,7 +58,11 @@ impl Application {
             clock.clone(),
         )?);
         let db = open_database(&config).await?;
-        tracing::info!(backend = db.backend(), key_id = keyring.active_key_id(), "storage ready");
+        tracing::info!(
+            backend = db.backend(),
+            key_id = keyring.active_key_id(),
+            "storage ready"
+        );
         Ok(Self {
             state: AppState {
                 config: Arc::new(config),
@@ -75,7 +80,11 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then lets in-flight requests finish.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let router = self.router();
         axum::serve(
             listener,

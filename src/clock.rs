@@ -3,7 +3,14 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, DurationRound, Utc};
+
+/// Times are kept to the microsecond, PostgreSQL's resolution, so a value read back from
+/// either backend equals the value written.
+pub fn truncate(time: DateTime<Utc>) -> DateTime<Utc> {
+    time.duration_trunc(Duration::microseconds(1))
+        .unwrap_or(time)
+}
 
 pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> DateTime<Utc>;
@@ -17,7 +24,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
-        Utc::now()
+        truncate(Utc::now())
     }
 }
 
@@ -27,16 +34,16 @@ pub struct ManualClock(Arc<Mutex<DateTime<Utc>>>);
 
 impl ManualClock {
     pub fn new(start: DateTime<Utc>) -> Self {
-        Self(Arc::new(Mutex::new(start)))
+        Self(Arc::new(Mutex::new(truncate(start))))
     }
 
     pub fn advance(&self, by: Duration) {
         let mut now = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        *now += by;
+        *now = truncate(*now + by);
     }
 
     pub fn set(&self, to: DateTime<Utc>) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = to;
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = truncate(to);
     }
 }
 

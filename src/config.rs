@@ -239,10 +239,16 @@ fn parse_public_url(env: &Env<'_>) -> Result<Url, ConfigError> {
     let url = Url::parse(raw.trim_end_matches('/'))
         .map_err(|err| ConfigError::invalid(VAR, format!("{raw:?} is not a URL: {err}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(ConfigError::invalid(VAR, "must be an http(s) URL with a host"));
+        return Err(ConfigError::invalid(
+            VAR,
+            "must be an http(s) URL with a host",
+        ));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(ConfigError::invalid(VAR, "must not carry a query or fragment"));
+        return Err(ConfigError::invalid(
+            VAR,
+            "must not carry a query or fragment",
+        ));
     }
     Ok(url)
 }
@@ -491,7 +497,9 @@ mod tests {
     #[test]
     fn serve_requires_a_key_and_a_jwt_verifier() {
         let err = load(&[]).expect("loads").validate_for_serve();
-        assert!(matches!(err, Err(ConfigError::Missing { var, .. }) if var == "OAUTH_ENCRYPTION_KEY"));
+        assert!(
+            matches!(err, Err(ConfigError::Missing { var, .. }) if var == "OAUTH_ENCRYPTION_KEY")
+        );
         let config = load(&[("OAUTH_ENCRYPTION_KEY", KEY)]).expect("loads");
         let err = config.validate_for_serve();
         assert!(matches!(err, Err(ConfigError::Missing { var, .. }) if var == "OAUTH_JWT_SECRET"));
@@ -515,9 +523,13 @@ mod tests {
             ("OAUTH_ENCRYPTION_KEY_FILE", &path),
             ("OAUTH_ENCRYPTION_KEY", KEY),
         ]);
-        assert!(matches!(both, Err(ConfigError::Ambiguous { var }) if var == "OAUTH_ENCRYPTION_KEY"));
+        assert!(
+            matches!(both, Err(ConfigError::Ambiguous { var }) if var == "OAUTH_ENCRYPTION_KEY")
+        );
         let missing = load(&[("OAUTH_ENCRYPTION_KEY_FILE", "/nonexistent/key")]);
-        assert!(matches!(missing, Err(ConfigError::File { var, .. }) if var == "OAUTH_ENCRYPTION_KEY"));
+        assert!(
+            matches!(missing, Err(ConfigError::File { var, .. }) if var == "OAUTH_ENCRYPTION_KEY")
+        );
     }
 
     #[test]
@@ -540,7 +552,10 @@ mod tests {
         let secret = "short-secret-value";
         let err = load(&[("OAUTH_JWT_SECRET", secret)]).expect_err("too short");
         assert!(!err.to_string().contains(secret));
-        let debug = format!("{:?}", load(&[("OAUTH_ENCRYPTION_KEY", KEY)]).expect("loads"));
+        let debug = format!(
+            "{:?}",
+            load(&[("OAUTH_ENCRYPTION_KEY", KEY)]).expect("loads")
+        );
         assert!(!debug.contains(KEY), "Debug output leaked the key");
     }
 }

@@ -65,7 +65,10 @@ impl KeyMaterial {
             .chain_update(b"oauth-manager key id\0")
             .chain_update(self.0)
             .finalize();
-        let hex: String = digest[..6].iter().map(|byte| format!("{byte:02x}")).collect();
+        let hex: String = digest[..6]
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
         format!("k1-{hex}")
     }
 }
@@ -89,7 +92,13 @@ impl Aad<'_> {
     fn to_bytes(self) -> Vec<u8> {
         // Length-prefixed fields, so no two different places serialise alike.
         let mut out = Vec::with_capacity(64);
-        for field in [AAD_VERSION, self.table, self.column, self.row_id, self.owner] {
+        for field in [
+            AAD_VERSION,
+            self.table,
+            self.column,
+            self.row_id,
+            self.owner,
+        ] {
             out.extend_from_slice(&(field.len() as u32).to_be_bytes());
             out.extend_from_slice(field.as_bytes());
         }
@@ -159,7 +168,12 @@ impl Keyring {
     }
 
     /// Opens a value sealed with `key_id` at the place `aad` names.
-    pub fn open(&self, key_id: &str, blob: &[u8], aad: Aad<'_>) -> Result<SecretString, CryptoError> {
+    pub fn open(
+        &self,
+        key_id: &str,
+        blob: &[u8],
+        aad: Aad<'_>,
+    ) -> Result<SecretString, CryptoError> {
         let cipher = self
             .ciphers
             .get(key_id)
@@ -206,10 +220,16 @@ mod tests {
     #[test]
     fn round_trip_and_fresh_nonce_per_value() {
         let ring = Keyring::new(&KeyMaterial::generate(), &[]).expect("ring");
-        let a = ring.seal(&secret("ya29.token"), aad("row-1", "alice")).expect("seal");
-        let b = ring.seal(&secret("ya29.token"), aad("row-1", "alice")).expect("seal");
+        let a = ring
+            .seal(&secret("ya29.token"), aad("row-1", "alice"))
+            .expect("seal");
+        let b = ring
+            .seal(&secret("ya29.token"), aad("row-1", "alice"))
+            .expect("seal");
         assert_ne!(a, b, "same plaintext must not give the same ciphertext");
-        let opened = ring.open(ring.active_key_id(), &a, aad("row-1", "alice")).expect("open");
+        let opened = ring
+            .open(ring.active_key_id(), &a, aad("row-1", "alice"))
+            .expect("open");
         assert_eq!(opened.expose_secret(), "ya29.token");
         assert!(!a.windows(10).any(|w| w == b"ya29.token"));
     }
@@ -222,26 +242,40 @@ mod tests {
             let mut bad = sealed.clone();
             bad[index] ^= 0x01;
             assert_eq!(
-                ring.open(ring.active_key_id(), &bad, aad("r", "u")).map(|_| ()),
+                ring.open(ring.active_key_id(), &bad, aad("r", "u"))
+                    .map(|_| ()),
                 Err(CryptoError::Authentication),
                 "flipped byte {index} was not detected"
             );
         }
-        assert!(ring.open(ring.active_key_id(), &sealed[..10], aad("r", "u")).is_err());
+        assert!(ring
+            .open(ring.active_key_id(), &sealed[..10], aad("r", "u"))
+            .is_err());
     }
 
     #[test]
     fn a_value_moved_to_another_place_does_not_open() {
         let ring = Keyring::new(&KeyMaterial::generate(), &[]).expect("ring");
-        let sealed = ring.seal(&secret("t"), aad("row-1", "alice")).expect("seal");
+        let sealed = ring
+            .seal(&secret("t"), aad("row-1", "alice"))
+            .expect("seal");
         let id = ring.active_key_id().to_owned();
-        assert!(ring.open(&id, &sealed, aad("row-2", "alice")).is_err(), "other row");
-        assert!(ring.open(&id, &sealed, aad("row-1", "bob")).is_err(), "other owner");
+        assert!(
+            ring.open(&id, &sealed, aad("row-2", "alice")).is_err(),
+            "other row"
+        );
+        assert!(
+            ring.open(&id, &sealed, aad("row-1", "bob")).is_err(),
+            "other owner"
+        );
         let other_column = Aad {
             column: "refresh_token",
             ..aad("row-1", "alice")
         };
-        assert!(ring.open(&id, &sealed, other_column).is_err(), "other column");
+        assert!(
+            ring.open(&id, &sealed, other_column).is_err(),
+            "other column"
+        );
     }
 
     #[test]
@@ -252,12 +286,17 @@ mod tests {
         let sealed = before.seal(&secret("t"), aad("r", "u")).expect("seal");
         let after = Keyring::new(&new, std::slice::from_ref(&old)).expect("ring");
         assert_eq!(
-            after.open(&old.key_id(), &sealed, aad("r", "u")).expect("old key").expose_secret(),
+            after
+                .open(&old.key_id(), &sealed, aad("r", "u"))
+                .expect("old key")
+                .expose_secret(),
             "t"
         );
         let without_old = Keyring::new(&new, &[]).expect("ring");
         assert_eq!(
-            without_old.open(&old.key_id(), &sealed, aad("r", "u")).map(|_| ()),
+            without_old
+                .open(&old.key_id(), &sealed, aad("r", "u"))
+                .map(|_| ()),
             Err(CryptoError::UnknownKey(old.key_id()))
         );
     }

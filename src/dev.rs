@@ -43,7 +43,12 @@ impl DevSecrets {
     }
 
     /// An HS256 token for `user` with `roles`, valid for 12 hours from `now`.
-    pub fn mint_token(&self, user: &str, roles: &[&str], now: DateTime<Utc>) -> Result<String, jsonwebtoken::errors::Error> {
+    pub fn mint_token(
+        &self,
+        user: &str,
+        roles: &[&str],
+        now: DateTime<Utc>,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
         #[derive(Serialize)]
         struct Claims<'a> {
             sub: &'a str,
@@ -106,13 +111,22 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let first = DevSecrets::load_or_create(&dir.path().join("dev")).expect("created");
         let second = DevSecrets::load_or_create(&dir.path().join("dev")).expect("reused");
-        assert_eq!(first.encryption_key.expose_secret(), second.encryption_key.expose_secret());
-        assert_eq!(first.jwt_secret.expose_secret(), second.jwt_secret.expose_secret());
+        assert_eq!(
+            first.encryption_key.expose_secret(),
+            second.encryption_key.expose_secret()
+        );
+        assert_eq!(
+            first.jwt_secret.expose_secret(),
+            second.jwt_secret.expose_secret()
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             for file in ["encryption.key", "jwt.secret"] {
-                let mode = std::fs::metadata(dir.path().join("dev").join(file)).expect("file").permissions().mode();
+                let mode = std::fs::metadata(dir.path().join("dev").join(file))
+                    .expect("file")
+                    .permissions()
+                    .mode();
                 assert_eq!(mode & 0o777, 0o600, "{file}");
             }
         }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod crypto;
 pub mod dev;
 pub mod http;
+pub mod jwks;
 pub mod providers;
 pub mod services;
 pub mod storage;

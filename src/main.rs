@@ -78,11 +78,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev { dir } => run_dev(&dir, clock).await,
-        Command::Keys { command: KeysCommand::Generate } => {
+        Command::Keys {
+            command: KeysCommand::Generate,
+        } => {
             println!("{}", KeyMaterial::generate().to_base64().as_str());
             Ok(())
         }
-        Command::Keys { command: KeysCommand::Rotate } => {
+        Command::Keys {
+            command: KeysCommand::Rotate,
+        } => {
             let config = load_config()?;
             let vault = TokenVault::new(Arc::new(app::keyring(&config)?));
             let db = app::open_database(&config).await?;
@@ -113,18 +117,28 @@ async fn serve(config: Config, clock: SharedClock) -> anyhow::Result<()> {
 async fn run_dev(dir: &std::path::Path, clock: SharedClock) -> anyhow::Result<()> {
     let secrets = dev::DevSecrets::load_or_create(dir)
         .with_context(|| format!("cannot prepare the development folder {}", dir.display()))?;
-    let listen = std::env::var("OAUTH_LISTEN_ADDR").unwrap_or_else(|_| dev::DEV_LISTEN_ADDR.to_owned());
-    let public_url = std::env::var("OAUTH_PUBLIC_URL").unwrap_or_else(|_| format!("http://{listen}"));
+    let listen =
+        std::env::var("OAUTH_LISTEN_ADDR").unwrap_or_else(|_| dev::DEV_LISTEN_ADDR.to_owned());
+    let public_url =
+        std::env::var("OAUTH_PUBLIC_URL").unwrap_or_else(|_| format!("http://{listen}"));
     // Dev overrides the key and JWT settings; everything else still comes from the environment.
     let lookup = |name: &str| match name {
         "OAUTH_ENCRYPTION_KEY" => Some(secrets.encryption_key.expose_secret().to_owned()),
         "OAUTH_JWT_SECRET" => Some(secrets.jwt_secret.expose_secret().to_owned()),
-        "OAUTH_ENCRYPTION_KEY_FILE" | "OAUTH_JWT_SECRET_FILE" | "OAUTH_JWT_PUBLIC_KEY"
-        | "OAUTH_JWT_PUBLIC_KEY_FILE" | "OAUTH_JWT_JWKS_URL" | "OAUTH_JWT_ISSUER"
-        | "OAUTH_JWT_AUDIENCE" | "OAUTH_ROLE_PERMISSIONS" | "OAUTH_JWT_ROLES_CLAIM" => None,
+        "OAUTH_ENCRYPTION_KEY_FILE"
+        | "OAUTH_JWT_SECRET_FILE"
+        | "OAUTH_JWT_PUBLIC_KEY"
+        | "OAUTH_JWT_PUBLIC_KEY_FILE"
+        | "OAUTH_JWT_JWKS_URL"
+        | "OAUTH_JWT_ISSUER"
+        | "OAUTH_JWT_AUDIENCE"
+        | "OAUTH_ROLE_PERMISSIONS"
+        | "OAUTH_JWT_ROLES_CLAIM" => None,
         "OAUTH_LISTEN_ADDR" => Some(listen.clone()),
         "OAUTH_PUBLIC_URL" => Some(public_url.clone()),
-        "OAUTH_LOG_FORMAT" => std::env::var(name).ok().or_else(|| Some("pretty".to_owned())),
+        "OAUTH_LOG_FORMAT" => std::env::var(name)
+            .ok()
+            .or_else(|| Some("pretty".to_owned())),
         _ => std::env::var(name).ok(),
     };
     let config = Config::from_lookup(&Env::new(&lookup))?;

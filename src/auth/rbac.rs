@@ -71,8 +71,14 @@ impl Default for RoleMap {
         use Permission::*;
         use Reach::*;
         let roles = [
-            ("user", vec![(IntegrationsRead, OwnData), (IntegrationsWrite, OwnData)]),
-            ("service", vec![(TokensRead, AnyUser), (IntegrationsRead, AnyUser)]),
+            (
+                "user",
+                vec![(IntegrationsRead, OwnData), (IntegrationsWrite, OwnData)],
+            ),
+            (
+                "service",
+                vec![(TokensRead, AnyUser), (IntegrationsRead, AnyUser)],
+            ),
             ("admin", vec![(Admin, AnyUser)]),
         ];
         Self(
@@ -102,7 +108,11 @@ impl RoleMap {
                          integrations:write, tokens:read, admin; append @any for every user's data)"
                     )
                 })?;
-                let reach = if perm == Permission::Admin { Reach::AnyUser } else { reach };
+                let reach = if perm == Permission::Admin {
+                    Reach::AnyUser
+                } else {
+                    reach
+                };
                 let entry = grants.entry(perm).or_insert(reach);
                 *entry = (*entry).max(reach);
             }
@@ -255,12 +265,24 @@ mod tests {
     #[test]
     fn default_roles_grant_what_the_documentation_says() {
         let user = principal(&["user"]);
-        assert_eq!(user.grants.reach(Permission::IntegrationsRead), Some(Reach::OwnData));
-        assert_eq!(user.grants.reach(Permission::IntegrationsWrite), Some(Reach::OwnData));
+        assert_eq!(
+            user.grants.reach(Permission::IntegrationsRead),
+            Some(Reach::OwnData)
+        );
+        assert_eq!(
+            user.grants.reach(Permission::IntegrationsWrite),
+            Some(Reach::OwnData)
+        );
         assert_eq!(user.grants.reach(Permission::TokensRead), None);
         let service = principal(&["service"]);
-        assert_eq!(service.grants.reach(Permission::TokensRead), Some(Reach::AnyUser));
-        assert_eq!(service.grants.reach(Permission::IntegrationsRead), Some(Reach::AnyUser));
+        assert_eq!(
+            service.grants.reach(Permission::TokensRead),
+            Some(Reach::AnyUser)
+        );
+        assert_eq!(
+            service.grants.reach(Permission::IntegrationsRead),
+            Some(Reach::AnyUser)
+        );
         assert_eq!(service.grants.reach(Permission::IntegrationsWrite), None);
         let admin = principal(&["admin"]);
         for perm in Permission::ALL {
@@ -281,15 +303,25 @@ mod tests {
 
     #[test]
     fn own_reach_sees_only_own_objects_and_lists() {
-        let actor = principal(&["user"]).authorize::<ReadIntegrations>().expect("granted");
+        let actor = principal(&["user"])
+            .authorize::<ReadIntegrations>()
+            .expect("granted");
         assert!(actor.can_access("alice"));
         assert!(!actor.can_access("bob"));
         assert_eq!(actor.list_scope(None), Ok(UserScope::One("alice".into())));
-        assert_eq!(actor.list_scope(Some("alice")), Ok(UserScope::One("alice".into())));
+        assert_eq!(
+            actor.list_scope(Some("alice")),
+            Ok(UserScope::One("alice".into()))
+        );
         assert!(actor.list_scope(Some("bob")).is_err());
-        let service = principal(&["service"]).authorize::<ReadIntegrations>().expect("granted");
+        let service = principal(&["service"])
+            .authorize::<ReadIntegrations>()
+            .expect("granted");
         assert!(service.can_access("bob"));
-        assert_eq!(service.list_scope(Some("bob")), Ok(UserScope::One("bob".into())));
+        assert_eq!(
+            service.list_scope(Some("bob")),
+            Ok(UserScope::One("bob".into()))
+        );
         assert_eq!(service.list_scope(None), Ok(UserScope::All));
     }
 
@@ -299,7 +331,10 @@ mod tests {
             .expect("parses");
         let grants = map.grants_for(&["bot".to_owned()]);
         assert_eq!(grants.reach(Permission::TokensRead), Some(Reach::AnyUser));
-        assert_eq!(grants.reach(Permission::IntegrationsRead), Some(Reach::OwnData));
+        assert_eq!(
+            grants.reach(Permission::IntegrationsRead),
+            Some(Reach::OwnData)
+        );
         assert!(RoleMap::from_json(r#"{"bot": ["tokens:write"]}"#).is_err());
         assert!(RoleMap::from_json("[]").is_err());
     }

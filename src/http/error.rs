@@ -66,7 +66,11 @@ impl ApiError {
         )
     }
 
-    pub fn unavailable(code: &'static str, detail: impl Into<String>, retry_after_seconds: u64) -> Self {
+    pub fn unavailable(
+        code: &'static str,
+        detail: impl Into<String>,
+        retry_after_seconds: u64,
+    ) -> Self {
         Self {
             retry_after_seconds: Some(retry_after_seconds),
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, detail)
@@ -78,11 +82,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Problem {
             problem_type: format!("urn:oauth-manager:problem:{}", self.code),
-            title: self
-                .status
-                .canonical_reason()
-                .unwrap_or("Error")
-                .to_owned(),
+            title: self.status.canonical_reason().unwrap_or("Error").to_owned(),
             status: self.status.as_u16(),
             detail: self.detail,
             code: self.code.to_owned(),
@@ -91,7 +91,10 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, json).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-        if let Some(value) = self.www_authenticate.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        if let Some(value) = self
+            .www_authenticate
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+        {
             headers.insert(header::WWW_AUTHENTICATE, value);
         }
         if let Some(seconds) = self.retry_after_seconds {
@@ -104,12 +107,18 @@ impl IntoResponse for ApiError {
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> Self {
         if let AuthError::KeysUnavailable(_) = err {
-            return Self::unavailable("jwks_unavailable", "the token signing keys cannot be fetched right now", 5);
+            return Self::unavailable(
+                "jwks_unavailable",
+                "the token signing keys cannot be fetched right now",
+                5,
+            );
         }
         // RFC 6750 §3: no error code when no credentials were sent at all.
         let challenge = match err {
             AuthError::Missing => format!("Bearer realm=\"{REALM}\""),
-            _ => format!("Bearer realm=\"{REALM}\", error=\"invalid_token\", error_description=\"{err}\""),
+            _ => format!(
+                "Bearer realm=\"{REALM}\", error=\"invalid_token\", error_description=\"{err}\""
+            ),
         };
         let code = match err {
             AuthError::Missing => "missing_token",
@@ -137,7 +146,11 @@ impl From<ServiceError> for ApiError {
             ServiceError::InvalidInput { code, detail } => Self::bad_request(code, detail),
             ServiceError::Storage(storage) if storage.is_unavailable() => {
                 tracing::warn!(error = %storage, "database unavailable");
-                Self::unavailable("database_unavailable", "the database is unavailable; retry shortly", 2)
+                Self::unavailable(
+                    "database_unavailable",
+                    "the database is unavailable; retry shortly",
+                    2,
+                )
             }
             ServiceError::Storage(storage) => Self::internal(&storage),
             ServiceError::Crypto(crypto) => Self::internal(&crypto),

@@ -16,7 +16,10 @@ pub struct Authenticated(pub Principal);
 impl FromRequestParts<AppState> for Authenticated {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         if let Some(principal) = parts.extensions.get::<Principal>() {
             return Ok(Self(principal.clone()));
         }
@@ -53,7 +56,10 @@ pub struct Authorized<P>(pub Actor<P>);
 impl<P: RequiredPermission> FromRequestParts<AppState> for Authorized<P> {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let Authenticated(principal) = Authenticated::from_request_parts(parts, state).await?;
         let actor = principal.authorize::<P>()?;
         Ok(Self(actor))

@@ -74,16 +74,18 @@ pub fn router(state: AppState) -> Router {
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-                .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-                    let request_id = request
-                        .headers()
-                        .get(REQUEST_ID)
-                        .and_then(|value| value.to_str().ok())
-                        .unwrap_or_default();
-                    // The path only: query strings of callbacks carry authorization codes.
-                    tracing::info_span!("request", method = %request.method(),
+                .layer(
+                    TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                        let request_id = request
+                            .headers()
+                            .get(REQUEST_ID)
+                            .and_then(|value| value.to_str().ok())
+                            .unwrap_or_default();
+                        // The path only: query strings of callbacks carry authorization codes.
+                        tracing::info_span!("request", method = %request.method(),
                         path = %request.uri().path(), request_id = %request_id)
-                }))
+                    }),
+                )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
                 .layer(SetResponseHeaderLayer::if_not_present(
                     header::X_CONTENT_TYPE_OPTIONS,
@@ -97,7 +99,9 @@ pub fn router(state: AppState) -> Router {
 async fn request_timeout(request: Request, next: Next) -> Response {
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::unavailable("request_timeout", "the request took too long", 1).into_response(),
+        Err(_) => {
+            ApiError::unavailable("request_timeout", "the request took too long", 1).into_response()
+        }
     }
 }
 

@@ -36,5 +36,10 @@ pub fn google_endpoints(
 }
 
 pub fn definition() -> Result<ProviderDefinition, ConfigError> {
-    google_endpoints("google", "Google", &["openid", "email", "profile"], vec!["GOOGLE"])
+    google_endpoints(
+        "google",
+        "Google",
+        &["openid", "email", "profile"],
+        vec!["GOOGLE"],
+    )
 }

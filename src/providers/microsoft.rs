@@ -11,7 +11,9 @@ const LOGIN: &str = "https://login.microsoftonline.com";
 fn validate_tenant(tenant: &str) -> Result<(), ConfigError> {
     let valid = !tenant.is_empty()
         && tenant.len() <= 253
-        && tenant.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        && tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
         && !tenant.contains("..");
     if valid {
         Ok(())

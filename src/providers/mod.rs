@@ -81,7 +81,9 @@ impl ProviderRegistry {
         let setting = |name: &str| config.provider_settings.get(name).map(String::as_str);
         let definitions = [
             google::definition()?,
-            microsoft::definition(setting("MICROSOFT_TENANT").unwrap_or(microsoft::DEFAULT_TENANT))?,
+            microsoft::definition(
+                setting("MICROSOFT_TENANT").unwrap_or(microsoft::DEFAULT_TENANT),
+            )?,
             notion::definition()?,
             youtube::definition()?,
         ];
@@ -126,7 +128,8 @@ fn credentials_for(
 
 /// Parses an endpoint of a built-in provider; `var` names the setting that shaped it.
 pub(crate) fn builtin_url(var: &str, url: &str) -> Result<Url, ConfigError> {
-    Url::parse(url).map_err(|err| ConfigError::invalid(var, format!("gives the invalid URL {url:?}: {err}")))
+    Url::parse(url)
+        .map_err(|err| ConfigError::invalid(var, format!("gives the invalid URL {url:?}: {err}")))
 }
 
 pub(crate) fn strings(items: &[&str]) -> Vec<String> {
@@ -139,8 +142,10 @@ mod tests {
     use crate::config::Env;
 
     fn registry(vars: &[(&str, &str)]) -> ProviderRegistry {
-        let vars: std::collections::HashMap<String, String> =
-            vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let vars: std::collections::HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let lookup = move |name: &str| vars.get(name).cloned();
         ProviderRegistry::from_config(&Config::from_lookup(&Env::new(&lookup)).expect("config"))
             .expect("registry")
@@ -148,7 +153,10 @@ mod tests {
 
     #[test]
     fn the_four_built_ins_are_always_listed() {
-        let names: Vec<_> = registry(&[]).iter().map(|p| p.definition.name.clone()).collect();
+        let names: Vec<_> = registry(&[])
+            .iter()
+            .map(|p| p.definition.name.clone())
+            .collect();
         assert_eq!(names, ["google", "microsoft", "notion", "youtube"]);
         assert!(registry(&[]).iter().all(|p| !p.is_configured()));
     }
@@ -176,7 +184,10 @@ mod tests {
         ]);
         let youtube = reg.get("youtube").expect("youtube");
         assert_eq!(youtube.client_id.as_deref(), Some("y"));
-        assert!(!youtube.is_configured(), "YouTube's own id must not borrow Google's secret");
+        assert!(
+            !youtube.is_configured(),
+            "YouTube's own id must not borrow Google's secret"
+        );
     }
 
     #[test]
@@ -187,7 +198,10 @@ mod tests {
             ms.token_url.as_str(),
             "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
         );
-        assert!(ms.revocation_url.is_none(), "Microsoft has no revocation endpoint");
+        assert!(
+            ms.revocation_url.is_none(),
+            "Microsoft has no revocation endpoint"
+        );
     }
 
     #[test]

@@ -33,11 +33,17 @@ pub async fn list(
         provider: query.provider,
         status: query.status,
     };
-    Ok(db.list_integrations(&filter, page(query.after, query.limit)?).await?)
+    Ok(db
+        .list_integrations(&filter, page(query.after, query.limit)?)
+        .await?)
 }
 
 /// An integration the caller may see; someone else's is reported as absent.
-pub async fn get(db: &Database, actor: &Actor<ReadIntegrations>, id: Uuid) -> ServiceResult<Integration> {
+pub async fn get(
+    db: &Database,
+    actor: &Actor<ReadIntegrations>,
+    id: Uuid,
+) -> ServiceResult<Integration> {
     match db.get_integration(id).await? {
         Some(integration) if actor.can_access(&integration.user_id) => Ok(integration),
         _ => Err(ServiceError::NotFound),

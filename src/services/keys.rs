@@ -17,7 +17,11 @@ pub struct RotationReport {
     pub retried: u64,
 }
 
-pub async fn rotate(db: &Database, vault: &TokenVault, now: DateTime<Utc>) -> ServiceResult<RotationReport> {
+pub async fn rotate(
+    db: &Database,
+    vault: &TokenVault,
+    now: DateTime<Utc>,
+) -> ServiceResult<RotationReport> {
     let mut report = RotationReport::default();
     let active = vault.keyring().active_key_id().to_owned();
     loop {
@@ -40,7 +44,9 @@ pub async fn rotate(db: &Database, vault: &TokenVault, now: DateTime<Utc>) -> Se
         }
     }
     loop {
-        let batch = db.pending_authorizations_not_under_key(&active, BATCH).await?;
+        let batch = db
+            .pending_authorizations_not_under_key(&active, BATCH)
+            .await?;
         if batch.is_empty() {
             break;
         }

@@ -49,8 +49,13 @@ impl TokenVault {
         now: DateTime<Utc>,
     ) -> Result<SealedTokens, CryptoError> {
         let row_id = owner.integration_id.to_string();
-        let seal = |column, value: &SecretString| self.keyring.seal(value, aad(column, &row_id, owner.user_id));
-        let seal_optional = |column, value: &Option<SecretString>| value.as_ref().map(|v| seal(column, v)).transpose();
+        let seal = |column, value: &SecretString| {
+            self.keyring
+                .seal(value, aad(column, &row_id, owner.user_id))
+        };
+        let seal_optional = |column, value: &Option<SecretString>| {
+            value.as_ref().map(|v| seal(column, v)).transpose()
+        };
         Ok(SealedTokens {
             integration_id: owner.integration_id,
             key_id: self.keyring.active_key_id().to_owned(),
@@ -68,8 +73,12 @@ impl TokenVault {
 
     pub fn open(&self, user_id: &str, sealed: &SealedTokens) -> Result<TokenSet, CryptoError> {
         let row_id = sealed.integration_id.to_string();
-        let open = |column, value: &[u8]| self.keyring.open(&sealed.key_id, value, aad(column, &row_id, user_id));
-        let open_optional = |column, value: &Option<Vec<u8>>| value.as_deref().map(|v| open(column, v)).transpose();
+        let open = |column, value: &[u8]| {
+            self.keyring
+                .open(&sealed.key_id, value, aad(column, &row_id, user_id))
+        };
+        let open_optional =
+            |column, value: &Option<Vec<u8>>| value.as_deref().map(|v| open(column, v)).transpose();
         Ok(TokenSet {
             access_token: open("access_token", &sealed.access_token)?,
             refresh_token: open_optional("refresh_token", &sealed.refresh_token)?,

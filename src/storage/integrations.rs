@@ -10,7 +10,9 @@ use uuid::Uuid;
 
 use super::{with_pool, Database, Page, Paged, StorageError, StorageResult};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum IntegrationStatus {
     Active,
@@ -185,6 +187,8 @@ impl Database {
             .into_iter()
             .map(Integration::try_from)
             .collect::<StorageResult<Vec<_>>>()?;
-        Ok(Paged::from_rows(items, page.limit, |integration| integration.id))
+        Ok(Paged::from_rows(items, page.limit, |integration| {
+            integration.id
+        }))
     }
 }

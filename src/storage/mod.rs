@@ -48,7 +48,10 @@ impl StorageError {
         matches!(
             self,
             StorageError::Database(
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_)
+                sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
             )
         )
     }
@@ -89,7 +92,9 @@ pub struct PoolSettings {
 
 impl Default for PoolSettings {
     fn default() -> Self {
-        Self { max_connections: 16 }
+        Self {
+            max_connections: 16,
+        }
     }
 }
 

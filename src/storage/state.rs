@@ -32,7 +32,10 @@ const COLUMNS: &str = "id, state_hash, user_id, provider, redirect_uri, requeste
     expires_at, used_at";
 
 impl Database {
-    pub async fn insert_pending_authorization(&self, pending: &PendingAuthorization) -> StorageResult<()> {
+    pub async fn insert_pending_authorization(
+        &self,
+        pending: &PendingAuthorization,
+    ) -> StorageResult<()> {
         let sql = format!(
             "INSERT INTO oauth_state ({COLUMNS}) VALUES \
              ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
@@ -124,7 +127,8 @@ impl Database {
         new_key_id: &str,
         pkce_verifier: &[u8],
     ) -> StorageResult<bool> {
-        let sql = "UPDATE oauth_state SET key_id = $1, pkce_verifier = $2 WHERE id = $3 AND key_id = $4";
+        let sql =
+            "UPDATE oauth_state SET key_id = $1, pkce_verifier = $2 WHERE id = $3 AND key_id = $4";
         let affected = with_pool!(self, pool => sqlx::query(sql)
             .bind(new_key_id)
             .bind(pkce_verifier)

@@ -28,7 +28,11 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiEr
         Ok(()) => Ok(Json(Health { status: "ready" })),
         Err(err) => {
             tracing::warn!(error = %err, "readiness check failed");
-            Err(ApiError::unavailable("database_unavailable", "the database is unreachable", 2))
+            Err(ApiError::unavailable(
+                "database_unavailable",
+                "the database is unreachable",
+                2,
+            ))
         }
     }
 }

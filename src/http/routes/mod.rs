@@ -23,7 +23,9 @@ pub fn decode_cursor(cursor: Option<&str>) -> Result<Option<Uuid>, ApiError> {
                 .decode(text)
                 .ok()
                 .and_then(|bytes| Uuid::from_slice(&bytes).ok())
-                .ok_or_else(|| ApiError::bad_request("invalid_cursor", "cursor is not one this service issued"))
+                .ok_or_else(|| {
+                    ApiError::bad_request("invalid_cursor", "cursor is not one this service issued")
+                })
         })
         .transpose()
 }

@@ -1,0 +1,296 @@
+//! Authentication of callers: every 401 case, each key source, algorithm confusion.
+
+use std::sync::{Arc, RwLock};
+
+use axum::routing::get;
+use chrono::Duration;
+use jsonwebtoken::Algorithm;
+use oauth_manager::clock::Clock;
+use serde_json::{json, Value};
+
+use crate::support::{
+    claims, problem, sign_hs256, sign_hs256_with, sign_pem, spawn_app, spawn_app_with,
+};
+
+const PROVIDERS: &str = "/api/v1/oauth/providers";
+const RSA_PRIVATE: &str = include_str!("../fixtures/jwt_rsa_private.pem");
+const RSA_PUBLIC: &str = include_str!("../fixtures/jwt_rsa_public.pem");
+const EC_PRIVATE: &str = include_str!("../fixtures/jwt_ec_private.pem");
+const EC_PUBLIC: &str = include_str!("../fixtures/jwt_ec_public.pem");
+const EC_OTHER_PRIVATE: &str = include_str!("../fixtures/jwt_ec_other_private.pem");
+const JWKS: &str = include_str!("../fixtures/jwks.json");
+
+async fn assert_unauthorized(response: reqwest::Response, expected_code: &str) {
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let (status, body) = problem(response).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["code"], expected_code, "{body}");
+    assert!(
+        challenge.starts_with("Bearer"),
+        "WWW-Authenticate: {challenge:?}"
+    );
+    if expected_code != "missing_token" {
+        assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
+    }
+}
+
+#[tokio::test]
+async fn missing_or_non_bearer_credentials_get_401_with_a_bare_challenge() {
+    let app = spawn_app().await;
+    let response = app
+        .http
+        .get(app.url(PROVIDERS))
+        .send()
+        .await
+        .expect("request");
+    assert_unauthorized(response, "missing_token").await;
+    let basic = app
+        .http
+        .get(app.url(PROVIDERS))
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .send()
+        .await
+        .expect("request");
+    assert_unauthorized(basic, "missing_token").await;
+    let empty = app
+        .http
+        .get(app.url(PROVIDERS))
+        .header("authorization", "Bearer ")
+        .send()
+        .await
+        .expect("request");
+    assert_unauthorized(empty, "missing_token").await;
+}
+
+#[tokio::test]
+async fn malformed_forged_and_incomplete_tokens_get_401() {
+    let app = spawn_app().await;
+    let now = app.clock.now();
+    let mut no_exp = claims("alice", &["user"], now);
+    no_exp.as_object_mut().expect("object").remove("exp");
+    let mut no_sub = claims("alice", &["user"], now);
+    no_sub.as_object_mut().expect("object").remove("sub");
+    let cases = [
+        ("not.a.jwt".to_owned(), "invalid_token"),
+        ("garbage".to_owned(), "invalid_token"),
+        (
+            sign_hs256_with(
+                &claims("alice", &["admin"], now),
+                b"another-secret-another-secret-0123",
+            ),
+            "invalid_token",
+        ),
+        (sign_hs256(&no_exp), "invalid_token"),
+        (sign_hs256(&no_sub), "invalid_token"),
+        (
+            sign_hs256(&json!({"sub": "", "exp": now.timestamp() + 60})),
+            "invalid_token",
+        ),
+        ("x".repeat(9000), "invalid_token"),
+    ];
+    for (token, code) in cases {
+        assert_unauthorized(app.get(PROVIDERS, &token).await, code).await;
+    }
+}
+
+#[tokio::test]
+async fn alg_none_is_rejected() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let app = spawn_app().await;
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let body = URL_SAFE_NO_PAD.encode(claims("alice", &["admin"], app.clock.now()).to_string());
+    for token in [format!("{header}.{body}."), format!("{header}.{body}")] {
+        assert_unauthorized(app.get(PROVIDERS, &token).await, "invalid_token").await;
+    }
+}
+
+#[tokio::test]
+async fn expiry_and_not_before_follow_the_injected_clock_with_leeway() {
+    let app = spawn_app().await;
+    let now = app.clock.now();
+    let token = sign_hs256(
+        &json!({"sub": "alice", "roles": ["user"], "exp": (now + Duration::seconds(60)).timestamp()}),
+    );
+    assert_eq!(app.get(PROVIDERS, &token).await.status(), 200);
+    // 60 s to expiry + 30 s leeway: still fine at +80 s, refused at +100 s.
+    app.clock.advance(Duration::seconds(80));
+    assert_eq!(app.get(PROVIDERS, &token).await.status(), 200);
+    app.clock.advance(Duration::seconds(20));
+    assert_unauthorized(app.get(PROVIDERS, &token).await, "token_expired").await;
+
+    let now = app.clock.now();
+    let future = sign_hs256(&json!({
+        "sub": "alice", "exp": (now + Duration::hours(2)).timestamp(),
+        "nbf": (now + Duration::hours(1)).timestamp(),
+    }));
+    assert_unauthorized(app.get(PROVIDERS, &future).await, "invalid_token").await;
+    let issued_in_future = sign_hs256(&json!({
+        "sub": "alice", "exp": (now + Duration::hours(2)).timestamp(),
+        "iat": (now + Duration::minutes(10)).timestamp(),
+    }));
+    assert_unauthorized(app.get(PROVIDERS, &issued_in_future).await, "invalid_token").await;
+}
+
+#[tokio::test]
+async fn issuer_and_audience_are_enforced_when_configured() {
+    let app = spawn_app_with(&[
+        ("OAUTH_JWT_ISSUER", "https://auth.example.test"),
+        ("OAUTH_JWT_AUDIENCE", "oauth-manager"),
+    ])
+    .await;
+    let now = app.clock.now();
+    let with = |iss: &str, aud: Value| {
+        let mut c = claims("alice", &["user"], now);
+        c["iss"] = json!(iss);
+        c["aud"] = aud;
+        sign_hs256(&c)
+    };
+    let good = with("https://auth.example.test", json!("oauth-manager"));
+    assert_eq!(app.get(PROVIDERS, &good).await.status(), 200);
+    let listed = with(
+        "https://auth.example.test",
+        json!(["other", "oauth-manager"]),
+    );
+    assert_eq!(app.get(PROVIDERS, &listed).await.status(), 200);
+    let wrong_aud = with("https://auth.example.test", json!("another-service"));
+    assert_unauthorized(app.get(PROVIDERS, &wrong_aud).await, "invalid_token").await;
+    let wrong_iss = with("https://evil.example.test", json!("oauth-manager"));
+    assert_unauthorized(app.get(PROVIDERS, &wrong_iss).await, "invalid_token").await;
+    let no_aud = sign_hs256(&claims("alice", &["user"], now));
+    assert_unauthorized(app.get(PROVIDERS, &no_aud).await, "invalid_token").await;
+}
+
+#[tokio::test]
+async fn rs256_and_es256_public_keys_verify_and_refuse_algorithm_swaps() {
+    for (public, private, algorithm) in [
+        (RSA_PUBLIC, RSA_PRIVATE, Algorithm::RS256),
+        (EC_PUBLIC, EC_PRIVATE, Algorithm::ES256),
+    ] {
+        let app =
+            spawn_app_with(&[("OAUTH_JWT_SECRET", ""), ("OAUTH_JWT_PUBLIC_KEY", public)]).await;
+        let now = app.clock.now();
+        let good = sign_pem(&claims("alice", &["user"], now), algorithm, private, None);
+        assert_eq!(
+            app.get(PROVIDERS, &good).await.status(),
+            200,
+            "{algorithm:?}"
+        );
+        // HS/RS confusion: an HS256 token whose HMAC key is the public key's PEM text.
+        let swapped = sign_hs256_with(&claims("alice", &["admin"], now), public.as_bytes());
+        assert_unauthorized(app.get(PROVIDERS, &swapped).await, "invalid_token").await;
+        let hs = sign_hs256(&claims("alice", &["admin"], now));
+        assert_unauthorized(app.get(PROVIDERS, &hs).await, "invalid_token").await;
+    }
+}
+
+/// A JWKS endpoint whose document the test can replace (key rotation at the IdP).
+async fn serve_jwks(document: Arc<RwLock<String>>) -> String {
+    let router = axum::Router::new().route(
+        "/jwks",
+        get(move || {
+            let document = document.clone();
+            async move { document.read().expect("lock").clone() }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/jwks", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, router).await.ok() });
+    url
+}
+
+#[tokio::test]
+async fn jwks_keys_verify_and_an_unknown_kid_triggers_a_refetch() {
+    let full: Value = serde_json::from_str(JWKS).expect("jwks");
+    let only_rsa = json!({"keys": [full["keys"][1].clone()]});
+    let document = Arc::new(RwLock::new(only_rsa.to_string()));
+    let url = serve_jwks(document.clone()).await;
+    let app = spawn_app_with(&[("OAUTH_JWT_SECRET", ""), ("OAUTH_JWT_JWKS_URL", &url)]).await;
+    let now = app.clock.now();
+    let rsa = sign_pem(
+        &claims("alice", &["user"], now),
+        Algorithm::RS256,
+        RSA_PRIVATE,
+        Some("rsa-1"),
+    );
+    assert_eq!(app.get(PROVIDERS, &rsa).await.status(), 200);
+
+    // The IdP rotates in a new EC key: a token naming it must trigger a refetch.
+    let ec = sign_pem(
+        &claims("alice", &["user"], now),
+        Algorithm::ES256,
+        EC_PRIVATE,
+        Some("ec-1"),
+    );
+    *document.write().expect("lock") = full.to_string();
+    app.clock.advance(Duration::seconds(11));
+    assert_eq!(app.get(PROVIDERS, &ec).await.status(), 200);
+
+    let forged = sign_pem(
+        &claims("alice", &["user"], now),
+        Algorithm::ES256,
+        EC_OTHER_PRIVATE,
+        Some("ec-1"),
+    );
+    assert_unauthorized(app.get(PROVIDERS, &forged).await, "invalid_token").await;
+    let unknown = sign_pem(
+        &claims("alice", &["user"], now),
+        Algorithm::ES256,
+        EC_PRIVATE,
+        Some("nope"),
+    );
+    assert_unauthorized(app.get(PROVIDERS, &unknown).await, "invalid_token").await;
+    // An RSA key announced as RS256 must not verify a token claiming another algorithm.
+    let hs = sign_hs256_with(
+        &claims("alice", &["admin"], now),
+        b"rsa-1-rsa-1-rsa-1-rsa-1-rsa-1-rsa-1",
+    );
+    assert_unauthorized(app.get(PROVIDERS, &hs).await, "invalid_token").await;
+}
+
+#[tokio::test]
+async fn unreachable_jwks_is_a_503_not_a_401() {
+    let app = spawn_app_with(&[
+        ("OAUTH_JWT_SECRET", ""),
+        ("OAUTH_JWT_JWKS_URL", "http://127.0.0.1:9/jwks"),
+    ])
+    .await;
+    let token = sign_pem(
+        &claims("alice", &["user"], app.clock.now()),
+        Algorithm::ES256,
+        EC_PRIVATE,
+        Some("ec-1"),
+    );
+    let (status, body) = problem(app.get(PROVIDERS, &token).await).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("jwks_unavailable"))
+    );
+}
+
+#[tokio::test]
+async fn roles_come_from_the_configured_claim_path() {
+    let app = spawn_app_with(&[("OAUTH_JWT_ROLES_CLAIM", "realm_access.roles")]).await;
+    let now = app.clock.now();
+    let mut nested = claims("alice", &[], now);
+    nested["realm_access"] = json!({"roles": ["user"]});
+    assert_eq!(
+        app.get("/api/v1/oauth/integrations", &sign_hs256(&nested))
+            .await
+            .status(),
+        200
+    );
+    // The default claim is ignored when another is configured.
+    let flat = sign_hs256(&claims("alice", &["user"], now));
+    assert_eq!(
+        app.get("/api/v1/oauth/integrations", &flat).await.status(),
+        403
+    );
+}

@@ -1,0 +1,157 @@
+//! Health, readiness, request ids, fallbacks, the OpenAPI document.
+
+use serde_json::Value;
+
+use crate::support::{problem, spawn_app};
+
+#[tokio::test]
+async fn healthz_and_readyz_answer_without_authentication() {
+    let app = spawn_app().await;
+    let health = app
+        .http
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(health.status(), 200);
+    let ready = app
+        .http
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        ready.json::<Value>().await.expect("json")["status"],
+        "ready"
+    );
+}
+
+#[tokio::test]
+async fn readyz_reports_503_when_the_database_is_gone() {
+    let app = spawn_app().await;
+    app.db.close().await;
+    let response = app
+        .http
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .expect("request");
+    assert!(response.headers().contains_key("retry-after"));
+    let (status, body) = problem(response).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("database_unavailable"))
+    );
+    // Liveness does not depend on the database.
+    assert_eq!(
+        app.http
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .expect("request")
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id_and_keeps_a_given_one() {
+    let app = spawn_app().await;
+    let generated = app
+        .http
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("request");
+    let id = generated
+        .headers()
+        .get("x-request-id")
+        .expect("request id")
+        .to_str()
+        .expect("ascii");
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    let given = app
+        .http
+        .get(app.url("/healthz"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(given.headers()["x-request-id"], "trace-me-42");
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_problems() {
+    let app = spawn_app().await;
+    let (status, body) = problem(
+        app.http
+            .get(app.url("/nope"))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
+    let (status, body) = problem(
+        app.http
+            .delete(app.url("/healthz"))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+}
+
+#[tokio::test]
+async fn api_responses_are_never_cached() {
+    let app = spawn_app().await;
+    let response = app
+        .get_as("/api/v1/oauth/providers", "alice", &["user"])
+        .await;
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_route() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.http
+            .get(app.url("/api/v1/oauth/openapi.json"))
+            .send()
+            .await
+            .expect("request")
+            .status(),
+        401
+    );
+    let doc: Value = app
+        .get_as("/api/v1/oauth/openapi.json", "alice", &[])
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(doc["openapi"].as_str().expect("version").starts_with("3."));
+    let paths = doc["paths"].as_object().expect("paths");
+    for route in [
+        "/healthz",
+        "/readyz",
+        "/api/v1/oauth/openapi.json",
+        "/api/v1/oauth/providers",
+        "/api/v1/oauth/integrations",
+        "/api/v1/oauth/integrations/{id}",
+    ] {
+        assert!(
+            paths.contains_key(route),
+            "{route} missing from the OpenAPI document"
+        );
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+}

@@ -1,0 +1,15 @@
+//! The integration test binary (one binary keeps linking cheap on small machines).
+//!
+//! Every test starts the real router on a random port against a fresh database: a SQLite file
+//! by default, or a fresh PostgreSQL schema when `TEST_DATABASE_URL` names a PostgreSQL server
+//! (CI runs the whole binary both ways).
+
+mod auth;
+mod cli;
+mod encryption;
+mod health;
+mod integrations;
+mod migrations;
+mod providers;
+mod storage;
+mod support;

@@ -1,0 +1,280 @@
+//! The repositories, run against whichever backend this test binary targets (CI: both).
+
+use chrono::Duration;
+use oauth_manager::clock::Clock;
+use oauth_manager::storage::audit::{NewAuditEvent, Outcome};
+use oauth_manager::storage::consents::Consent;
+use oauth_manager::storage::integrations::IntegrationFilter;
+use oauth_manager::storage::scopes::ScopeEntry;
+use oauth_manager::storage::tokens::SealedTokens;
+use oauth_manager::storage::Page;
+use serde_json::json;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use crate::support::spawn_app;
+
+#[tokio::test]
+async fn integrations_round_trip_exactly_and_are_unique_per_account() {
+    let app = spawn_app().await;
+    let stored = app.seed_integration("alice", "google").await;
+    let read = app
+        .db
+        .get_integration(stored.id)
+        .await
+        .expect("read")
+        .expect("row");
+    assert_eq!(
+        read, stored,
+        "timestamps, JSON and enums round-trip unchanged"
+    );
+    let mut duplicate = stored.clone();
+    duplicate.id = Uuid::now_v7();
+    let err = app
+        .db
+        .insert_integration(&duplicate)
+        .await
+        .expect_err("duplicate account");
+    assert!(err.is_unique_violation(), "{err}");
+    // The same account may belong to another user of the host product.
+    duplicate.user_id = "bob".to_owned();
+    app.db
+        .insert_integration(&duplicate)
+        .await
+        .expect("another user");
+    let page = app
+        .db
+        .list_integrations(
+            &IntegrationFilter {
+                user_id: Some("alice".into()),
+                ..Default::default()
+            },
+            Page {
+                after: None,
+                limit: 10,
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!(page.items.len(), 1);
+    assert!(page.next.is_none());
+}
+
+#[tokio::test]
+async fn token_writes_bump_the_generation_and_cascade_with_the_integration() {
+    let app = spawn_app().await;
+    let integration = app.seed_integration("alice", "google").await;
+    let now = app.clock.now();
+    let tokens = SealedTokens {
+        integration_id: integration.id,
+        key_id: "k1-test".into(),
+        access_token: vec![1, 2, 3],
+        refresh_token: None,
+        id_token: None,
+        token_type: "Bearer".into(),
+        expires_at: Some(now + Duration::hours(1)),
+        refresh_token_expires_at: None,
+        generation: 0,
+        created_at: now,
+        updated_at: now,
+    };
+    assert_eq!(app.db.upsert_tokens(&tokens).await.expect("insert"), 1);
+    assert_eq!(app.db.upsert_tokens(&tokens).await.expect("update"), 2);
+    let read = app
+        .db
+        .get_tokens(integration.id)
+        .await
+        .expect("read")
+        .expect("row");
+    assert_eq!((read.generation, read.expires_at), (2, tokens.expires_at));
+    assert!(
+        !app.db
+            .reseal_tokens(&read, 1)
+            .await
+            .expect("stale generation"),
+        "optimistic check"
+    );
+    let sql = "DELETE FROM oauth_integrations WHERE id = $1";
+    match &app.db {
+        oauth_manager::storage::Database::Postgres(p) => sqlx::query(sql)
+            .bind(integration.id)
+            .execute(p)
+            .await
+            .map(|_| ()),
+        oauth_manager::storage::Database::Sqlite(p) => sqlx::query(sql)
+            .bind(integration.id)
+            .execute(p)
+            .await
+            .map(|_| ()),
+    }
+    .expect("delete");
+    assert!(
+        app.db
+            .get_tokens(integration.id)
+            .await
+            .expect("read")
+            .is_none(),
+        "tokens go with their integration"
+    );
+}
+
+#[tokio::test]
+async fn a_pending_authorization_is_consumed_exactly_once_under_concurrency() {
+    let app = spawn_app().await;
+    let now = app.clock.now();
+    let pending = oauth_manager::storage::state::PendingAuthorization {
+        id: Uuid::now_v7(),
+        state_hash: vec![7; 32],
+        user_id: "alice".into(),
+        provider: "google".into(),
+        redirect_uri: "https://example.test/cb".into(),
+        requested_scopes: Json(vec!["openid".into()]),
+        integration_id: None,
+        return_to: None,
+        key_id: "k".into(),
+        pkce_verifier: None,
+        nonce: Some("n".into()),
+        client_ip: None,
+        user_agent: None,
+        created_at: now,
+        expires_at: now + Duration::minutes(10),
+        used_at: None,
+    };
+    app.db
+        .insert_pending_authorization(&pending)
+        .await
+        .expect("insert");
+    let attempts = (0..16).map(|_| {
+        let db = app.db.clone();
+        tokio::spawn(async move {
+            db.consume_pending_authorization(&[7; 32], now)
+                .await
+                .expect("consume")
+        })
+    });
+    let mut winners = 0;
+    for attempt in attempts {
+        if attempt.await.expect("task").is_some() {
+            winners += 1;
+        }
+    }
+    assert_eq!(winners, 1, "state is single-use");
+    assert_eq!(
+        app.db
+            .purge_pending_authorizations(now + Duration::minutes(11))
+            .await
+            .expect("purge"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn consents_scopes_and_audit_events_are_stored_and_listed() {
+    let app = spawn_app().await;
+    let now = app.clock.now();
+    let consent = Consent {
+        id: Uuid::now_v7(),
+        user_id: "alice".into(),
+        provider: "google".into(),
+        integration_id: None,
+        scopes_granted: Json(vec!["openid".into()]),
+        scopes_denied: Json(vec!["calendar".into()]),
+        descriptions_shown: Json(json!([{"scope": "openid", "description": "Sign in"}])),
+        client_ip: Some("203.0.113.9".into()),
+        user_agent: Some("test".into()),
+        granted_at: now,
+        withdrawn_at: None,
+    };
+    app.db.insert_consent(&consent).await.expect("consent");
+    let listed = app
+        .db
+        .list_consents(
+            Some("alice"),
+            Page {
+                after: None,
+                limit: 5,
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!(listed.items, [consent]);
+
+    let entry = ScopeEntry {
+        provider: "google".into(),
+        scope: "openid".into(),
+        description: "Sign in".into(),
+        sensitivity: "basic".into(),
+        features: Json(vec!["profile".into()]),
+        is_default: true,
+        created_at: now,
+        updated_at: now,
+    };
+    app.db.upsert_scope(&entry).await.expect("scope");
+    app.db
+        .upsert_scope(&ScopeEntry {
+            description: "Sign in with Google".into(),
+            ..entry.clone()
+        })
+        .await
+        .expect("update");
+    let scopes = app.db.list_scopes("google").await.expect("scopes");
+    assert_eq!(scopes.len(), 1);
+    assert_eq!(scopes[0].description, "Sign in with Google");
+
+    for action in ["authorize_started", "callback"] {
+        app.db
+            .append_audit_event(&NewAuditEvent {
+                occurred_at: now,
+                actor_user_id: Some("alice".into()),
+                subject_user_id: Some("alice".into()),
+                integration_id: None,
+                provider: Some("google".into()),
+                action: action.into(),
+                outcome: Outcome::Success,
+                reason: None,
+                request_id: None,
+                client_ip: None,
+                user_agent: None,
+                details: json!({}),
+            })
+            .await
+            .expect("audit");
+    }
+    let events = app
+        .db
+        .list_audit_events(
+            Some("alice"),
+            Page {
+                after: None,
+                limit: 1,
+            },
+        )
+        .await
+        .expect("audit list");
+    assert_eq!(events.items[0].action, "authorize_started");
+    let rest = app
+        .db
+        .list_audit_events(
+            Some("alice"),
+            Page {
+                after: events.next,
+                limit: 10,
+            },
+        )
+        .await
+        .expect("next page");
+    assert_eq!(rest.items[0].action, "callback");
+    assert!(app
+        .db
+        .list_audit_events(
+            Some("bob"),
+            Page {
+                after: None,
+                limit: 10
+            }
+        )
+        .await
+        .expect("bob")
+        .items
+        .is_empty());
+}
