@@ -127,11 +127,18 @@ async fn dev_prints_a_working_token_and_sigterm_shuts_down_cleanly() {
             .spawn()
             .expect("spawn dev"),
     );
+    // Drain stdout on a thread for the child's whole life: a closed pipe would kill it at its
+    // next println.
     let stdout = child.0.stdout.take().expect("stdout");
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
     let lines: Vec<String> = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
+        receiver
+            .iter()
             .take_while(|line| !line.starts_with("  curl"))
             .collect()
     })
