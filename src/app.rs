@@ -12,7 +12,7 @@ use crate::clock::SharedClock;
 use crate::config::{Config, ConfigError};
 use crate::crypto::{CryptoError, Keyring};
 use crate::http::{self, AppState};
-use crate::providers::ProviderRegistry;
+use crate::providers::{discovery, ProviderRegistry};
 use crate::services::vault::TokenVault;
 use crate::storage::{Database, PoolSettings, StorageError};
 
@@ -26,6 +26,8 @@ pub enum StartupError {
     Storage(#[from] StorageError),
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot build the outbound HTTP client: {0}")]
+    Http(String),
 }
 
 /// Builds the keyring from the configured keys.
@@ -48,9 +50,18 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(config: Config, clock: SharedClock) -> Result<Self, StartupError> {
+    pub async fn build(mut config: Config, clock: SharedClock) -> Result<Self, StartupError> {
         config.validate_for_serve()?;
         let keyring = Arc::new(keyring(&config)?);
+        let http =
+            crate::oauth::http_client().map_err(|err| StartupError::Http(err.to_string()))?;
+        for declared in config
+            .declared_providers
+            .iter_mut()
+            .filter(|d| d.needs_discovery())
+        {
+            discovery::complete(declared, &http).await;
+        }
         let providers = Arc::new(ProviderRegistry::from_config(&config)?);
         let verifier = Arc::new(JwtVerifier::new(
             &config.jwt,
@@ -69,6 +80,7 @@ impl Application {
                 db,
                 verifier,
                 providers,
+                http,
                 vault: TokenVault::new(keyring),
                 clock,
             },

@@ -14,6 +14,7 @@ use url::Url;
 
 use crate::auth::rbac::RoleMap;
 use crate::crypto::KeyMaterial;
+use crate::providers::declared::{self, DeclaredProvider};
 
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:8000";
 pub const DEFAULT_PUBLIC_URL: &str = "http://localhost:8000";
@@ -153,6 +154,8 @@ pub struct Config {
     pub client_credentials: HashMap<String, ClientCredentials>,
     /// Other provider settings read from the environment (`MICROSOFT_TENANT`, ...).
     pub provider_settings: HashMap<String, String>,
+    /// Providers declared (or built-ins overridden) in `OAUTH_PROVIDERS_FILE`.
+    pub declared_providers: Vec<DeclaredProvider>,
 }
 
 /// Environment prefixes whose `_CLIENT_ID` / `_CLIENT_SECRET` are read at start-up.
@@ -168,6 +171,11 @@ impl Config {
     }
 
     pub fn from_lookup(env: &Env<'_>) -> Result<Self, ConfigError> {
+        let providers_file = env.var("OAUTH_PROVIDERS_FILE").map(PathBuf::from);
+        let declared_providers = match &providers_file {
+            Some(path) => declared::load(path, env)?,
+            None => Vec::new(),
+        };
         Ok(Self {
             listen_addr: parse_listen_addr(env)?,
             public_url: parse_public_url(env)?,
@@ -175,7 +183,8 @@ impl Config {
             encryption: parse_encryption_keys(env)?,
             jwt: parse_jwt(env)?,
             role_permissions: parse_role_map(env)?,
-            providers_file: env.var("OAUTH_PROVIDERS_FILE").map(PathBuf::from),
+            providers_file,
+            declared_providers,
             allowed_return_urls: parse_return_urls(env)?,
             redis_url: env.secret("REDIS_URL")?,
             log_format: parse_log_format(env)?,

@@ -32,6 +32,14 @@ struct Fetched {
     at: DateTime<Utc>,
 }
 
+impl std::fmt::Debug for JwksCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwksCache")
+            .field("url", &self.url.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
 pub struct JwksCache {
     url: Url,
     http: reqwest::Client,

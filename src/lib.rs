@@ -14,6 +14,7 @@ pub mod crypto;
 pub mod dev;
 pub mod http;
 pub mod jwks;
+pub mod oauth;
 pub mod providers;
 pub mod services;
 pub mod storage;

@@ -17,7 +17,7 @@ use axum::Router;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::auth::jwt::JwtVerifier;
 use crate::clock::SharedClock;
@@ -41,6 +41,8 @@ pub struct AppState {
     pub db: Database,
     pub verifier: Arc<JwtVerifier>,
     pub providers: Arc<ProviderRegistry>,
+    /// Outbound client for providers: timeouts, no redirects followed.
+    pub http: reqwest::Client,
     pub vault: TokenVault,
     pub clock: SharedClock,
 }
@@ -75,16 +77,19 @@ pub fn router(state: AppState) -> Router {
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
                 .layer(
-                    TraceLayer::new_for_http().make_span_with(|request: &Request| {
-                        let request_id = request
-                            .headers()
-                            .get(REQUEST_ID)
-                            .and_then(|value| value.to_str().ok())
-                            .unwrap_or_default();
-                        // The path only: query strings of callbacks carry authorization codes.
-                        tracing::info_span!("request", method = %request.method(),
+                    TraceLayer::new_for_http()
+                        .make_span_with(|request: &Request| {
+                            let request_id = request
+                                .headers()
+                                .get(REQUEST_ID)
+                                .and_then(|value| value.to_str().ok())
+                                .unwrap_or_default();
+                            // The path only: query strings of callbacks carry authorization codes.
+                            tracing::info_span!("request", method = %request.method(),
                         path = %request.uri().path(), request_id = %request_id)
-                    }),
+                        })
+                        // One access-log line per request (status, latency) at info.
+                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
                 .layer(SetResponseHeaderLayer::if_not_present(

@@ -51,7 +51,7 @@ fn view(state: &AppState, provider: &Provider) -> ProviderView {
     ProviderView {
         name: definition.name.clone(),
         display_name: definition.display_name.clone(),
-        protocol: definition.protocol,
+        protocol: definition.protocol(),
         configured: provider.is_configured(),
         missing_variables: provider.missing_variables(),
         supports_pkce: definition.pkce,

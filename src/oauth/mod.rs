@@ -1,0 +1,218 @@
+//! Protocol-level OAuth 2.0 / OpenID Connect *client* building blocks: PKCE, scope sets, the
+//! token endpoint (RFC 6749 §4.1.3, §5, §6), revocation (RFC 7009) and ID-token validation
+//! (OIDC Core §3.1.3.7).
+//!
+//! Nothing here touches the database or knows business rules: these functions take explicit
+//! inputs (endpoints, credentials, "now") and return typed outcomes, so the services layer
+//! decides what a failure means for a connection. Token values only ever travel inside
+//! [`secrecy::SecretString`] and never appear in `Debug`, `Display` or error messages.
+
+pub mod id_token;
+pub mod pkce;
+pub mod revocation;
+pub mod scope;
+pub mod token;
+
+mod transport;
+
+#[cfg(test)]
+mod test_server;
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+pub use id_token::{
+    validate_id_token, IdTokenClaims, IdTokenError, IdTokenExpectations, IssuerRule,
+};
+pub use pkce::{random_urlsafe, s256_challenge, Pkce};
+pub use revocation::{revoke, RevocationEndpoint, RevocationOutcome, TokenHint};
+pub use scope::{difference, join_scopes, parse_scopes, union};
+pub use token::{
+    parse_token_response, request_token, BodyFormat, ClientAuth, ClientCredentials, FailureClass,
+    TokenEndpoint, TokenError, TokenGrant, TokenResponse,
+};
+
+/// Provider responses larger than this are refused: a token response or a userinfo document is
+/// a few KiB, so anything bigger is a misbehaving (or hostile) endpoint, not data we need.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const TOTAL_TIMEOUT: Duration = Duration::from_secs(15);
+const USER_AGENT: &str = concat!("oauth-manager/", env!("CARGO_PKG_VERSION"));
+
+/// The HTTP client for every call to a provider.
+///
+/// Redirects are never followed: a token or revocation request carries client credentials, and
+/// a redirect would replay them (and the code or token) to wherever the `Location` points.
+/// A 3xx therefore surfaces as an error instead.
+pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(TOTAL_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(USER_AGENT)
+        .build()
+}
+
+/// GET a JSON document with a bearer access token (OIDC userinfo, YouTube `channels.list`).
+///
+/// A 401 is [`TokenError::Unauthorized`]: the access token died (possibly early, R9), so the
+/// caller refreshes once and retries. 429/5xx/network failures are transient; any other
+/// non-success status is a provider error carrying whatever error the body names.
+pub async fn get_json_with_bearer(
+    http: &reqwest::Client,
+    url: &Url,
+    access_token: &SecretString,
+) -> Result<serde_json::Value, TokenError> {
+    let mut authorization =
+        reqwest::header::HeaderValue::try_from(format!("Bearer {}", access_token.expose_secret()))
+            .map_err(|_| {
+                TokenError::InvalidResponse(
+                    "the access token is not a valid header value".to_owned(),
+                )
+            })?;
+    authorization.set_sensitive(true);
+    let request = http
+        .get(url.clone())
+        .header(reqwest::header::ACCEPT, "application/json")
+        .header(reqwest::header::AUTHORIZATION, authorization);
+    let reply = transport::send(request).await?;
+    bearer_reply(&reply)
+}
+
+fn bearer_reply(reply: &transport::Reply) -> Result<serde_json::Value, TokenError> {
+    match reply.status {
+        200..=299 => serde_json::from_slice(&reply.body).map_err(|_| {
+            TokenError::InvalidResponse(format!("HTTP {} body is not JSON", reply.status))
+        }),
+        401 => Err(TokenError::Unauthorized),
+        300..=399 => Err(transport::redirect_error(reply.status)),
+        status if transport::is_transient_status(status) => Err(reply.transient()),
+        status => Err(api_error(status, &reply.body)),
+    }
+}
+
+/// A non-success API answer. Google APIs nest the error (`{"error":{"message":..,
+/// "errors":[{"reason":"quotaExceeded"}]}}`), OAuth-style endpoints put a string in `error`.
+fn api_error(status: u16, body: &[u8]) -> TokenError {
+    let document: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let error = document.as_ref().and_then(|doc| doc.get("error"));
+    let (code, description) = match error {
+        Some(serde_json::Value::String(code)) => (
+            code.clone(),
+            document
+                .as_ref()
+                .and_then(|doc| doc.get("error_description"))
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned),
+        ),
+        Some(nested @ serde_json::Value::Object(_)) => (
+            nested
+                .pointer("/errors/0/reason")
+                .or_else(|| nested.get("status"))
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("unknown_error")
+                .to_owned(),
+            nested
+                .get("message")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned),
+        ),
+        _ => ("unknown_error".to_owned(), None),
+    };
+    TokenError::provider(code, description, Vec::new(), status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_server::{FakeServer, Scripted};
+    use super::*;
+
+    fn token() -> SecretString {
+        SecretString::from("ya29.secret-access-token")
+    }
+
+    #[tokio::test]
+    async fn bearer_get_sends_the_token_and_parses_json() {
+        let server =
+            FakeServer::start(vec![Scripted::json(200, r#"{"sub":"123","items":[]}"#)]).await;
+        let http = http_client().unwrap();
+        let value = get_json_with_bearer(&http, &server.url("/userinfo"), &token())
+            .await
+            .unwrap();
+        assert_eq!(value["sub"], "123");
+        let seen = server.requests();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].method, "GET");
+        assert_eq!(
+            seen[0].header("authorization").as_deref(),
+            Some("Bearer ya29.secret-access-token")
+        );
+        assert_eq!(
+            seen[0].header("accept").as_deref(),
+            Some("application/json")
+        );
+        let agent = seen[0].header("user-agent").unwrap();
+        assert!(agent.starts_with("oauth-manager/"), "{agent}");
+    }
+
+    #[tokio::test]
+    async fn bearer_get_maps_statuses() {
+        let too_big = "x".repeat(MAX_RESPONSE_BYTES + 1);
+        type Check = fn(&TokenError) -> bool;
+        let cases: Vec<(Scripted, Check)> = vec![
+            (Scripted::json(401, r#"{"error":"invalid_token"}"#), |e| {
+                *e == TokenError::Unauthorized
+            }),
+            (
+                Scripted::json(503, "oops").with_header("retry-after", "7"),
+                |e| matches!(e, TokenError::Transient { retry_after: Some(d), .. } if d.as_secs() == 7),
+            ),
+            (Scripted::json(429, ""), |e| {
+                e.class() == FailureClass::Transient
+            }),
+            (Scripted::text(200, "<html>not json</html>"), |e| {
+                matches!(e, TokenError::InvalidResponse(_))
+            }),
+            (Scripted::text(200, &too_big), |e| {
+                matches!(e, TokenError::InvalidResponse(_))
+            }),
+            (
+                Scripted::text(302, "").with_header("location", "https://evil.example/"),
+                |e| matches!(e, TokenError::InvalidResponse(_)),
+            ),
+            (
+                Scripted::json(
+                    403,
+                    r#"{"error":{"code":403,"message":"quota","errors":[{"reason":"quotaExceeded"}]}}"#,
+                ),
+                |e| matches!(e, TokenError::Provider { error, status: 403, .. } if error == "quotaExceeded"),
+            ),
+        ];
+        for (scripted, check) in cases {
+            let server = FakeServer::start(vec![scripted]).await;
+            let http = http_client().unwrap();
+            let err = get_json_with_bearer(&http, &server.url("/api"), &token())
+                .await
+                .unwrap_err();
+            assert!(check(&err), "unexpected {err:?}");
+            assert!(!format!("{err} {err:?}").contains("secret-access-token"));
+        }
+    }
+
+    #[tokio::test]
+    async fn network_failure_is_transient() {
+        // Bind then drop a listener so the port is (almost certainly) closed.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let url = Url::parse(&format!("http://{address}/userinfo")).unwrap();
+        let err = get_json_with_bearer(&http_client().unwrap(), &url, &token())
+            .await
+            .unwrap_err();
+        assert_eq!(err.class(), FailureClass::Transient, "{err:?}");
+    }
+}

@@ -1,0 +1,148 @@
+//! The scope catalog: what each scope means in plain words, how sensitive it is, and which
+//! product features it serves. Built-in providers ship theirs; declared providers add theirs in
+//! `OAUTH_PROVIDERS_FILE`.
+//!
+//! Features resolve to the *least* privilege: entries are listed least-privileged first, and a
+//! feature is served by the first entry that enables it (`calendar.read` by
+//! `calendar.readonly`, not by read-write `calendar`).
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Sensitivity {
+    Basic,
+    Sensitive,
+    Restricted,
+}
+
+impl Sensitivity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sensitivity::Basic => "basic",
+            Sensitivity::Sensitive => "sensitive",
+            Sensitivity::Restricted => "restricted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogEntry {
+    pub scope: String,
+    pub description: String,
+    pub sensitivity: Sensitivity,
+    /// Features this scope enables.
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+impl CatalogEntry {
+    pub fn new(
+        scope: &str,
+        description: &str,
+        sensitivity: Sensitivity,
+        features: &[&str],
+    ) -> Self {
+        Self {
+            scope: scope.to_owned(),
+            description: description.to_owned(),
+            sensitivity,
+            features: features.iter().map(|f| (*f).to_owned()).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CatalogError {
+    #[error("unknown feature {0:?} for this provider")]
+    UnknownFeature(String),
+    #[error("unknown scope {0:?} for this provider")]
+    UnknownScope(String),
+}
+
+/// The minimal scopes serving `features`, or the first feature no entry serves.
+pub fn scopes_for_features(
+    catalog: &[CatalogEntry],
+    features: &[String],
+) -> Result<Vec<String>, CatalogError> {
+    let mut scopes = BTreeSet::new();
+    for feature in features {
+        let entry = catalog
+            .iter()
+            .find(|entry| entry.features.contains(feature))
+            .ok_or_else(|| CatalogError::UnknownFeature(feature.clone()))?;
+        scopes.insert(entry.scope.clone());
+    }
+    Ok(scopes.into_iter().collect())
+}
+
+/// Checks that every scope is in the catalog.
+pub fn check_known(catalog: &[CatalogEntry], scopes: &[String]) -> Result<(), CatalogError> {
+    match scopes
+        .iter()
+        .find(|scope| !catalog.iter().any(|entry| &entry.scope == *scope))
+    {
+        Some(unknown) => Err(CatalogError::UnknownScope(unknown.clone())),
+        None => Ok(()),
+    }
+}
+
+/// The features that `granted` scopes enable.
+pub fn enabled_features(catalog: &[CatalogEntry], granted: &[String]) -> BTreeSet<String> {
+    catalog
+        .iter()
+        .filter(|entry| granted.contains(&entry.scope))
+        .flat_map(|entry| entry.features.iter().cloned())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> Vec<CatalogEntry> {
+        vec![
+            CatalogEntry::new(
+                "cal.read",
+                "Read calendars",
+                Sensitivity::Sensitive,
+                &["calendar.read"],
+            ),
+            CatalogEntry::new(
+                "cal",
+                "Manage calendars",
+                Sensitivity::Sensitive,
+                &["calendar.read", "calendar.write"],
+            ),
+        ]
+    }
+
+    #[test]
+    fn features_resolve_to_the_least_privileged_scope() {
+        let features = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            scopes_for_features(&catalog(), &features(&["calendar.read"])),
+            Ok(vec!["cal.read".to_owned()])
+        );
+        assert_eq!(
+            scopes_for_features(&catalog(), &features(&["calendar.read", "calendar.write"])),
+            Ok(vec!["cal".to_owned(), "cal.read".to_owned()])
+        );
+        assert_eq!(
+            scopes_for_features(&catalog(), &features(&["teleport"])),
+            Err(CatalogError::UnknownFeature("teleport".into()))
+        );
+    }
+
+    #[test]
+    fn granted_scopes_enable_features() {
+        let enabled = enabled_features(&catalog(), &["cal".to_owned()]);
+        assert!(enabled.contains("calendar.write") && enabled.contains("calendar.read"));
+        assert!(check_known(&catalog(), &["nope".to_owned()]).is_err());
+    }
+}
