@@ -14,6 +14,7 @@ use crate::crypto::{CryptoError, Keyring};
 use crate::http::{self, AppState};
 use crate::providers::{discovery, ProviderRegistry};
 use crate::services::vault::TokenVault;
+use crate::services::Context;
 use crate::storage::{Database, PoolSettings, StorageError};
 
 #[derive(Debug, thiserror::Error)]
@@ -74,15 +75,20 @@ impl Application {
             key_id = keyring.active_key_id(),
             "storage ready"
         );
+        let services = Context {
+            db,
+            providers,
+            vault: TokenVault::new(keyring),
+            http,
+            clock,
+            public_url: config.public_url.clone(),
+            allowed_return_urls: Arc::new(config.allowed_return_urls.clone()),
+        };
         Ok(Self {
             state: AppState {
                 config: Arc::new(config),
-                db,
                 verifier,
-                providers,
-                http,
-                vault: TokenVault::new(keyring),
-                clock,
+                services,
             },
         })
     }
@@ -104,7 +110,7 @@ impl Application {
         )
         .with_graceful_shutdown(shutdown)
         .await?;
-        self.state.db.close().await;
+        self.state.services.db.close().await;
         Ok(())
     }
 }

@@ -12,7 +12,7 @@ pub fn truncate(time: DateTime<Utc>) -> DateTime<Utc> {
         .unwrap_or(time)
 }
 
-pub trait Clock: Send + Sync + 'static {
+pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
     fn now(&self) -> DateTime<Utc>;
 }
 

@@ -156,6 +156,9 @@ pub struct Config {
     pub provider_settings: HashMap<String, String>,
     /// Providers declared (or built-ins overridden) in `OAUTH_PROVIDERS_FILE`.
     pub declared_providers: Vec<DeclaredProvider>,
+    /// `OAUTH_TRUST_PROXY_HEADERS`: take the client IP from `X-Forwarded-For` (behind a proxy
+    /// that sets it; never when clients can reach the service directly).
+    pub trust_proxy_headers: bool,
 }
 
 /// Environment prefixes whose `_CLIENT_ID` / `_CLIENT_SECRET` are read at start-up.
@@ -185,6 +188,7 @@ impl Config {
             role_permissions: parse_role_map(env)?,
             providers_file,
             declared_providers,
+            trust_proxy_headers: parse_bool(env, "OAUTH_TRUST_PROXY_HEADERS")?,
             allowed_return_urls: parse_return_urls(env)?,
             redis_url: env.secret("REDIS_URL")?,
             log_format: parse_log_format(env)?,
@@ -423,6 +427,22 @@ fn parse_return_urls(env: &Env<'_>) -> Result<Vec<Url>, ConfigError> {
         .collect()
 }
 
+fn parse_bool(env: &Env<'_>, var: &str) -> Result<bool, ConfigError> {
+    match env
+        .var(var)
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("false" | "0" | "no") => Ok(false),
+        Some("true" | "1" | "yes") => Ok(true),
+        Some(other) => Err(ConfigError::invalid(
+            var,
+            format!("{other:?} is not true or false"),
+        )),
+    }
+}
+
 fn parse_log_format(env: &Env<'_>) -> Result<LogFormat, ConfigError> {
     match env.var("OAUTH_LOG_FORMAT").as_deref() {
         None | Some("json") => Ok(LogFormat::Json),
@@ -497,6 +517,8 @@ mod tests {
             ("OAUTH_ROLE_PERMISSIONS", "{\"user\": [\"fly\"]}"),
             ("OAUTH_ALLOWED_RETURN_URLS", "not a url"),
             ("OAUTH_LOG_FORMAT", "xml"),
+            ("OAUTH_TRUST_PROXY_HEADERS", "maybe"),
+            ("OAUTH_PROVIDERS_FILE", "/nonexistent/providers.toml"),
         ];
         for (var, value) in cases {
             assert_eq!(&invalid_var(load(&[(var, value)])), var, "value {value:?}");

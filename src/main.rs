@@ -154,7 +154,7 @@ async fn run_dev(dir: &std::path::Path, clock: SharedClock) -> anyhow::Result<()
     eprintln!("{}", dev::BANNER);
     println!("oauth-manager (dev) listening on {base}");
     println!("development folder: {}", secrets.dir.display());
-    println!("database: {}", application.state.db.backend());
+    println!("database: {}", application.state.services.db.backend());
     println!();
     println!("user token (sub=dev-user, roles=[user], 12 h):\n{user_token}");
     println!();

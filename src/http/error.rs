@@ -142,6 +142,14 @@ impl From<ServiceError> for ApiError {
     fn from(err: ServiceError) -> Self {
         match err {
             ServiceError::NotFound => Self::not_found(),
+            ServiceError::UnknownProvider(_) => {
+                Self::new(StatusCode::NOT_FOUND, "unknown_provider", err.to_string())
+            }
+            ServiceError::ProviderNotConfigured { .. } => Self::new(
+                StatusCode::CONFLICT,
+                "provider_not_configured",
+                err.to_string(),
+            ),
             ServiceError::Forbidden(forbidden) => forbidden.into(),
             ServiceError::InvalidInput { code, detail } => Self::bad_request(code, detail),
             ServiceError::Storage(storage) if storage.is_unavailable() => {

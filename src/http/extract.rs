@@ -1,13 +1,16 @@
 //! Extractors: authentication, permission by type, and input extractors whose rejections are
 //! problem+json like every other error.
 
-use axum::extract::{FromRequest, FromRequestParts};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts};
 use axum::http::{header, request::Parts};
 
 use super::error::ApiError;
 use super::AppState;
 use crate::auth::jwt::AuthError;
 use crate::auth::rbac::{Actor, Principal, RequiredPermission};
+use crate::services::audit::RequestContext;
 
 /// Any caller with a valid JWT.
 #[derive(Debug, Clone)]
@@ -77,3 +80,42 @@ pub struct ApiQuery<T>(pub T);
 #[derive(Debug, FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct ApiPath<T>(pub T);
+
+/// Who is on the other end, for the audit log and consent records: the request id, the
+/// client's IP (the last `X-Forwarded-For` hop when `OAUTH_TRUST_PROXY_HEADERS=true`, i.e. the
+/// address the trusted proxy saw; otherwise the peer address) and the user agent.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo(pub RequestContext);
+
+impl FromRequestParts<AppState> for ClientInfo {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(|value| value.chars().take(512).collect::<String>())
+        };
+        let forwarded = state
+            .config
+            .trust_proxy_headers
+            .then(|| header("x-forwarded-for"))
+            .flatten()
+            .and_then(|list| list.rsplit(',').next().map(|hop| hop.trim().to_owned()))
+            .filter(|hop| hop.parse::<std::net::IpAddr>().is_ok());
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(address)| address.ip().to_string());
+        Ok(Self(RequestContext {
+            request_id: header("x-request-id"),
+            client_ip: forwarded.or(peer),
+            user_agent: header("user-agent"),
+        }))
+    }
+}

@@ -12,7 +12,7 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -20,11 +20,8 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::auth::jwt::JwtVerifier;
-use crate::clock::SharedClock;
 use crate::config::Config;
-use crate::providers::ProviderRegistry;
-use crate::services::vault::TokenVault;
-use crate::storage::Database;
+use crate::services::Context;
 use error::ApiError;
 
 pub const API_PREFIX: &str = "/api/v1/oauth";
@@ -38,27 +35,19 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
-    pub db: Database,
     pub verifier: Arc<JwtVerifier>,
-    pub providers: Arc<ProviderRegistry>,
-    /// Outbound client for providers: timeouts, no redirects followed.
-    pub http: reqwest::Client,
-    pub vault: TokenVault,
-    pub clock: SharedClock,
-}
-
-impl AppState {
-    /// The redirect URI registered at a provider: `{OAUTH_PUBLIC_URL}/api/v1/oauth/callback/{name}`.
-    pub fn redirect_uri(&self, provider: &str) -> String {
-        let base = self.config.public_url.as_str().trim_end_matches('/');
-        format!("{base}{API_PREFIX}/callback/{provider}")
-    }
+    pub services: Context,
 }
 
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/openapi.json", get(routes::openapi::openapi_json))
         .route("/providers", get(routes::providers::list))
+        .route(
+            "/providers/{provider}/authorize",
+            post(routes::connect::authorize),
+        )
+        .route("/callback/{provider}", get(routes::connect::callback))
         .route("/integrations", get(routes::integrations::list))
         .route("/integrations/{id}", get(routes::integrations::get))
         // Responses of this API may carry tokens: never cache them anywhere.

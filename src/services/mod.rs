@@ -1,13 +1,45 @@
 //! Business rules: no SQL, no HTTP types. Every operation on a user's data takes an
 //! [`Actor`](crate::auth::rbac::Actor) proving the caller's permission.
 
+pub mod audit;
+pub mod flow;
 pub mod integrations;
 pub mod keys;
 pub mod vault;
 
+use std::sync::Arc;
+
+use url::Url;
+
 use crate::auth::rbac::Forbidden;
+use crate::clock::SharedClock;
 use crate::crypto::CryptoError;
-use crate::storage::StorageError;
+use crate::providers::ProviderRegistry;
+use crate::storage::{Database, StorageError};
+use vault::TokenVault;
+
+/// What the services need: storage, providers, the vault, outbound HTTP and the clock.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub db: Database,
+    pub providers: Arc<ProviderRegistry>,
+    pub vault: TokenVault,
+    /// Outbound client for providers: timeouts, no redirects followed.
+    pub http: reqwest::Client,
+    pub clock: SharedClock,
+    /// `OAUTH_PUBLIC_URL`: the base of redirect URIs.
+    pub public_url: Url,
+    /// `OAUTH_ALLOWED_RETURN_URLS`.
+    pub allowed_return_urls: Arc<Vec<Url>>,
+}
+
+impl Context {
+    /// The redirect URI registered at a provider: `{OAUTH_PUBLIC_URL}/api/v1/oauth/callback/{name}`.
+    pub fn redirect_uri(&self, provider: &str) -> String {
+        let base = self.public_url.as_str().trim_end_matches('/');
+        format!("{base}/api/v1/oauth/callback/{provider}")
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -16,6 +48,13 @@ pub enum ServiceError {
     NotFound,
     #[error(transparent)]
     Forbidden(#[from] Forbidden),
+    #[error("unknown provider {0:?}")]
+    UnknownProvider(String),
+    #[error("provider {provider} is not configured: set {}", missing.join(", "))]
+    ProviderNotConfigured {
+        provider: String,
+        missing: Vec<String>,
+    },
     #[error("{detail}")]
     InvalidInput { code: &'static str, detail: String },
     #[error(transparent)]

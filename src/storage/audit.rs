@@ -60,16 +60,15 @@ pub struct AuditEvent {
     pub details: Json<Value>,
 }
 
-const COLUMNS: &str = "occurred_at, actor_user_id, subject_user_id, integration_id, provider, \
-    action, outcome, reason, request_id, client_ip, user_agent, details";
+pub(crate) const INSERT_SQL: &str = "INSERT INTO oauth_audit_log (occurred_at, actor_user_id, \
+    subject_user_id, integration_id, provider, action, outcome, reason, request_id, client_ip, \
+    user_agent, details) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id";
 
-impl Database {
-    pub async fn append_audit_event(&self, event: &NewAuditEvent) -> StorageResult<i64> {
-        let sql = format!(
-            "INSERT INTO oauth_audit_log ({COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id"
-        );
-        Ok(with_pool!(self, pool => sqlx::query_scalar(&sql)
+/// The insert of an audit event, bound and ready for any executor (pool or transaction).
+macro_rules! insert_audit_query {
+    ($event:expr) => {{
+        let event: &$crate::storage::audit::NewAuditEvent = $event;
+        sqlx::query_scalar::<_, i64>($crate::storage::audit::INSERT_SQL)
             .bind(event.occurred_at)
             .bind(&event.actor_user_id)
             .bind(&event.subject_user_id)
@@ -81,9 +80,17 @@ impl Database {
             .bind(&event.request_id)
             .bind(&event.client_ip)
             .bind(&event.user_agent)
-            .bind(Json(&event.details))
-            .fetch_one(pool)
-            .await)?)
+            .bind(sqlx::types::Json(&event.details))
+    }};
+}
+pub(crate) use insert_audit_query;
+
+const COLUMNS: &str = "occurred_at, actor_user_id, subject_user_id, integration_id, provider, \
+    action, outcome, reason, request_id, client_ip, user_agent, details";
+
+impl Database {
+    pub async fn append_audit_event(&self, event: &NewAuditEvent) -> StorageResult<i64> {
+        Ok(with_pool!(self, pool => insert_audit_query!(event).fetch_one(pool).await)?)
     }
 
     /// Events about `subject_user_id` (all users when `None`), oldest first.

@@ -23,15 +23,15 @@ pub struct Consent {
     pub withdrawn_at: Option<DateTime<Utc>>,
 }
 
-const COLUMNS: &str = "id, user_id, provider, integration_id, scopes_granted, scopes_denied, \
-    descriptions_shown, client_ip, user_agent, granted_at, withdrawn_at";
+pub(crate) const INSERT_SQL: &str = "INSERT INTO oauth_consents (id, user_id, provider, \
+    integration_id, scopes_granted, scopes_denied, descriptions_shown, client_ip, user_agent, \
+    granted_at, withdrawn_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
-impl Database {
-    pub async fn insert_consent(&self, consent: &Consent) -> StorageResult<()> {
-        let sql = format!(
-            "INSERT INTO oauth_consents ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-        );
-        with_pool!(self, pool => sqlx::query(&sql)
+/// The insert of a consent record, bound and ready for any executor (pool or transaction).
+macro_rules! insert_consent_query {
+    ($consent:expr) => {{
+        let consent: &$crate::storage::consents::Consent = $consent;
+        sqlx::query($crate::storage::consents::INSERT_SQL)
             .bind(consent.id)
             .bind(&consent.user_id)
             .bind(&consent.provider)
@@ -43,9 +43,16 @@ impl Database {
             .bind(&consent.user_agent)
             .bind(consent.granted_at)
             .bind(consent.withdrawn_at)
-            .execute(pool)
-            .await
-            .map(|_| ()))?;
+    }};
+}
+pub(crate) use insert_consent_query;
+
+const COLUMNS: &str = "id, user_id, provider, integration_id, scopes_granted, scopes_denied, \
+    descriptions_shown, client_ip, user_agent, granted_at, withdrawn_at";
+
+impl Database {
+    pub async fn insert_consent(&self, consent: &Consent) -> StorageResult<()> {
+        with_pool!(self, pool => insert_consent_query!(consent).execute(pool).await.map(|_| ()))?;
         Ok(())
     }
 

@@ -192,3 +192,103 @@ impl Database {
         }))
     }
 }
+
+/// A completed authorization, saved atomically: the integration (created, or updated when the
+/// same provider account is connected again), its tokens, the consent and the audit event.
+pub struct NewConnection<'a> {
+    /// Used when no integration exists yet for this account.
+    pub proposed_id: Uuid,
+    pub user_id: &'a str,
+    pub provider: &'a str,
+    pub provider_account_id: &'a str,
+    pub account_email: Option<&'a str>,
+    pub account_name: Option<&'a str>,
+    pub account_metadata: &'a Value,
+    pub granted_scopes: &'a [String],
+    /// Requested this time; merged with what the integration requested before.
+    pub requested_scopes: &'a [String],
+    pub now: DateTime<Utc>,
+}
+
+/// What `save_connection` stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedConnection {
+    pub integration: Integration,
+    pub created: bool,
+}
+
+const UPSERT_CONNECTION_SQL: &str = "INSERT INTO oauth_integrations (id, user_id, provider, \
+    provider_account_id, account_email, account_name, account_metadata, status, granted_scopes, \
+    requested_scopes, created_at, updated_at) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $9, $10, $10) \
+    ON CONFLICT (user_id, provider, provider_account_id) DO UPDATE SET \
+      account_email = excluded.account_email, account_name = excluded.account_name, \
+      account_metadata = excluded.account_metadata, status = 'active', \
+      granted_scopes = excluded.granted_scopes, requested_scopes = excluded.requested_scopes, \
+      updated_at = excluded.updated_at, last_error = NULL, last_error_at = NULL";
+
+impl Database {
+    /// Saves a connection in one transaction. `seal_tokens` receives the integration id (the
+    /// tokens' associated data) and the previously stored tokens, if any, and returns the row
+    /// to store; `consent` and `audit` are completed with the integration id.
+    pub async fn save_connection<F>(
+        &self,
+        connection: &NewConnection<'_>,
+        seal_tokens: F,
+        consent: &mut crate::storage::consents::Consent,
+        audit: &mut crate::storage::audit::NewAuditEvent,
+    ) -> StorageResult<SavedConnection>
+    where
+        F: Fn(
+            Uuid,
+            Option<&crate::storage::tokens::SealedTokens>,
+        ) -> StorageResult<crate::storage::tokens::SealedTokens>,
+    {
+        let find_sql = format!(
+            "SELECT {COLUMNS} FROM oauth_integrations \
+             WHERE user_id = $1 AND provider = $2 AND provider_account_id = $3"
+        );
+        let tokens_sql = format!(
+            "SELECT {} FROM oauth_tokens WHERE integration_id = $1",
+            crate::storage::tokens::COLUMNS
+        );
+        let get_sql = format!("SELECT {COLUMNS} FROM oauth_integrations WHERE id = $1");
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let existing: Option<Row> = sqlx::query_as(&find_sql)
+                .bind(connection.user_id)
+                .bind(connection.provider)
+                .bind(connection.provider_account_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let (id, requested) = match &existing {
+                Some(row) => (row.id, crate::oauth::union(&row.requested_scopes.0, connection.requested_scopes)),
+                None => (connection.proposed_id, connection.requested_scopes.to_vec()),
+            };
+            sqlx::query(UPSERT_CONNECTION_SQL)
+                .bind(id)
+                .bind(connection.user_id)
+                .bind(connection.provider)
+                .bind(connection.provider_account_id)
+                .bind(connection.account_email)
+                .bind(connection.account_name)
+                .bind(Json(connection.account_metadata))
+                .bind(Json(connection.granted_scopes))
+                .bind(Json(&requested))
+                .bind(connection.now)
+                .execute(&mut *tx)
+                .await?;
+            let previous: Option<crate::storage::tokens::SealedTokens> =
+                sqlx::query_as(&tokens_sql).bind(id).fetch_optional(&mut *tx).await?;
+            let tokens = seal_tokens(id, previous.as_ref())?;
+            crate::storage::tokens::upsert_tokens_query!(&tokens).fetch_one(&mut *tx).await?;
+            consent.integration_id = Some(id);
+            crate::storage::consents::insert_consent_query!(consent).execute(&mut *tx).await?;
+            audit.integration_id = Some(id);
+            crate::storage::audit::insert_audit_query!(audit).fetch_one(&mut *tx).await?;
+            let stored: Row = sqlx::query_as(&get_sql).bind(id).fetch_one(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(SavedConnection { integration: Integration::try_from(stored)?, created: existing.is_none() })
+        })
+    }
+}

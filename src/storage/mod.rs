@@ -40,6 +40,9 @@ pub enum StorageError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
+    /// Sealing or opening a value inside a storage transaction failed.
+    #[error(transparent)]
+    Crypto(#[from] crate::crypto::CryptoError),
 }
 
 impl StorageError {

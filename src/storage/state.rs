@@ -25,11 +25,17 @@ pub struct PendingAuthorization {
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub used_at: Option<DateTime<Utc>>,
+    /// Set when the callback completed: the integration it saved, or its error code.
+    pub result_integration_id: Option<Uuid>,
+    pub result_error: Option<String>,
 }
 
-const COLUMNS: &str = "id, state_hash, user_id, provider, redirect_uri, requested_scopes, \
+const INSERT_COLUMNS: &str = "id, state_hash, user_id, provider, redirect_uri, requested_scopes, \
     integration_id, return_to, key_id, pkce_verifier, nonce, client_ip, user_agent, created_at, \
     expires_at, used_at";
+const COLUMNS: &str = "id, state_hash, user_id, provider, redirect_uri, requested_scopes, \
+    integration_id, return_to, key_id, pkce_verifier, nonce, client_ip, user_agent, created_at, \
+    expires_at, used_at, result_integration_id, result_error";
 
 impl Database {
     pub async fn insert_pending_authorization(
@@ -37,7 +43,7 @@ impl Database {
         pending: &PendingAuthorization,
     ) -> StorageResult<()> {
         let sql = format!(
-            "INSERT INTO oauth_state ({COLUMNS}) VALUES \
+            "INSERT INTO oauth_state ({INSERT_COLUMNS}) VALUES \
              ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
         );
         with_pool!(self, pool => sqlx::query(&sql)
@@ -90,6 +96,25 @@ impl Database {
             .bind(state_hash)
             .fetch_optional(pool)
             .await)?)
+    }
+
+    /// Records how a consumed request ended, for replayed callbacks.
+    pub async fn record_authorization_result(
+        &self,
+        id: Uuid,
+        integration_id: Option<Uuid>,
+        error: Option<&str>,
+    ) -> StorageResult<()> {
+        let sql =
+            "UPDATE oauth_state SET result_integration_id = $2, result_error = $3 WHERE id = $1";
+        with_pool!(self, pool => sqlx::query(sql)
+            .bind(id)
+            .bind(integration_id)
+            .bind(error)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
     }
 
     /// Deletes requests that expired before `cutoff`; returns how many.

@@ -31,25 +31,20 @@ pub struct OwnedSealedTokens {
     pub user_id: String,
 }
 
-const COLUMNS: &str = "integration_id, key_id, access_token, refresh_token, id_token, token_type, \
-    expires_at, refresh_token_expires_at, generation, created_at, updated_at";
+pub(crate) const UPSERT_SQL: &str = "INSERT INTO oauth_tokens (integration_id, key_id, access_token, \
+    refresh_token, id_token, token_type, expires_at, refresh_token_expires_at, generation, created_at, \
+    updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9) \
+    ON CONFLICT (integration_id) DO UPDATE SET key_id = excluded.key_id, \
+    access_token = excluded.access_token, refresh_token = excluded.refresh_token, \
+    id_token = excluded.id_token, token_type = excluded.token_type, expires_at = excluded.expires_at, \
+    refresh_token_expires_at = excluded.refresh_token_expires_at, \
+    generation = oauth_tokens.generation + 1, updated_at = excluded.updated_at RETURNING generation";
 
-impl Database {
-    /// Inserts or replaces the token set of an integration; the stored generation becomes
-    /// one more than the previous one (1 for a new row).
-    pub async fn upsert_tokens(&self, tokens: &SealedTokens) -> StorageResult<i64> {
-        let sql = format!(
-            "INSERT INTO oauth_tokens ({COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9) \
-             ON CONFLICT (integration_id) DO UPDATE SET \
-               key_id = excluded.key_id, access_token = excluded.access_token, \
-               refresh_token = excluded.refresh_token, id_token = excluded.id_token, \
-               token_type = excluded.token_type, expires_at = excluded.expires_at, \
-               refresh_token_expires_at = excluded.refresh_token_expires_at, \
-               generation = oauth_tokens.generation + 1, updated_at = excluded.updated_at \
-             RETURNING generation"
-        );
-        let generation: i64 = with_pool!(self, pool => sqlx::query_scalar(&sql)
+/// The upsert of a token row, bound and ready for any executor (pool or transaction).
+macro_rules! upsert_tokens_query {
+    ($tokens:expr) => {{
+        let tokens: &$crate::storage::tokens::SealedTokens = $tokens;
+        sqlx::query_scalar::<_, i64>($crate::storage::tokens::UPSERT_SQL)
             .bind(tokens.integration_id)
             .bind(&tokens.key_id)
             .bind(&tokens.access_token)
@@ -59,9 +54,19 @@ impl Database {
             .bind(tokens.expires_at)
             .bind(tokens.refresh_token_expires_at)
             .bind(tokens.updated_at)
-            .fetch_one(pool)
-            .await)?;
-        Ok(generation)
+    }};
+}
+pub(crate) use upsert_tokens_query;
+
+pub(crate) const COLUMNS: &str =
+    "integration_id, key_id, access_token, refresh_token, id_token, token_type, \
+    expires_at, refresh_token_expires_at, generation, created_at, updated_at";
+
+impl Database {
+    /// Inserts or replaces the token set of an integration; the stored generation becomes
+    /// one more than the previous one (1 for a new row).
+    pub async fn upsert_tokens(&self, tokens: &SealedTokens) -> StorageResult<i64> {
+        Ok(with_pool!(self, pool => upsert_tokens_query!(tokens).fetch_one(pool).await)?)
     }
 
     pub async fn get_tokens(&self, integration_id: Uuid) -> StorageResult<Option<SealedTokens>> {

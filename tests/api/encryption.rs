@@ -34,6 +34,7 @@ async fn store(app: &TestApp, user: &str, tag: &str) -> (Uuid, String) {
     };
     let sealed = app
         .state
+        .services
         .vault
         .seal(owner, &token_set(tag), app.clock.now())
         .expect("seal");
@@ -75,8 +76,11 @@ async fn tokens_round_trip_and_the_table_holds_only_ciphertext() {
     let app = spawn_app().await;
     let (id, user) = store(&app, "alice", "a").await;
     let sealed = app.db.get_tokens(id).await.expect("read").expect("row");
-    assert_eq!(sealed.key_id, app.state.vault.keyring().active_key_id());
-    let opened = app.state.vault.open(&user, &sealed).expect("open");
+    assert_eq!(
+        sealed.key_id,
+        app.state.services.vault.keyring().active_key_id()
+    );
+    let opened = app.state.services.vault.open(&user, &sealed).expect("open");
     assert_eq!(opened.access_token.expose_secret(), "access-a-plaintext");
     assert_eq!(
         opened.refresh_token.expect("refresh").expose_secret(),
@@ -127,6 +131,7 @@ async fn tampered_ciphertext_does_not_open() {
     let stored = app.db.get_tokens(id).await.expect("read").expect("row");
     assert_eq!(
         app.state
+            .services
             .vault
             .open(&user, &stored)
             .map(|_| ())
@@ -144,7 +149,7 @@ async fn ciphertext_moved_to_another_row_or_column_does_not_open() {
     copy_column(&app.db, "access_token", alice_id, "access_token", bob_id).await;
     let stolen = app.db.get_tokens(bob_id).await.expect("read").expect("row");
     assert!(
-        app.state.vault.open(&bob, &stolen).is_err(),
+        app.state.services.vault.open(&bob, &stolen).is_err(),
         "swapped row must not decrypt"
     );
     // Bob's own refresh token moved into his access-token column.
@@ -157,7 +162,7 @@ async fn ciphertext_moved_to_another_row_or_column_does_not_open() {
         .expect("read")
         .expect("row");
     assert!(
-        app.state.vault.open(&carol, &shuffled).is_err(),
+        app.state.services.vault.open(&carol, &shuffled).is_err(),
         "swapped column must not decrypt"
     );
     // The untouched row still opens.
@@ -167,7 +172,7 @@ async fn ciphertext_moved_to_another_row_or_column_does_not_open() {
         .await
         .expect("read")
         .expect("row");
-    assert!(app.state.vault.open("alice", &alice).is_ok());
+    assert!(app.state.services.vault.open("alice", &alice).is_ok());
     raw_execute(&app.db, "SELECT 1").await;
 }
 
@@ -178,6 +183,7 @@ async fn seed_pending_authorization(app: &TestApp, user: &str) -> Uuid {
     let state_id = id.to_string();
     let sealed = app
         .state
+        .services
         .vault
         .keyring()
         .seal(&verifier, pkce_verifier_aad(&state_id, user))
@@ -191,7 +197,13 @@ async fn seed_pending_authorization(app: &TestApp, user: &str) -> Uuid {
         requested_scopes: Json(vec!["openid".to_owned()]),
         integration_id: None,
         return_to: None,
-        key_id: app.state.vault.keyring().active_key_id().to_owned(),
+        key_id: app
+            .state
+            .services
+            .vault
+            .keyring()
+            .active_key_id()
+            .to_owned(),
         pkce_verifier: Some(sealed),
         nonce: None,
         client_ip: None,
@@ -199,6 +211,8 @@ async fn seed_pending_authorization(app: &TestApp, user: &str) -> Uuid {
         created_at: now,
         expires_at: now + chrono::Duration::minutes(10),
         used_at: None,
+        result_integration_id: None,
+        result_error: None,
     };
     app.db
         .insert_pending_authorization(&pending)

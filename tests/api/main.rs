@@ -6,7 +6,9 @@
 
 mod auth;
 mod cli;
+mod connect;
 mod encryption;
+mod fake_provider_selftest;
 mod health;
 mod integrations;
 mod migrations;

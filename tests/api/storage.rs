@@ -139,6 +139,8 @@ async fn a_pending_authorization_is_consumed_exactly_once_under_concurrency() {
         created_at: now,
         expires_at: now + Duration::minutes(10),
         used_at: None,
+        result_integration_id: None,
+        result_error: None,
     };
     app.db
         .insert_pending_authorization(&pending)

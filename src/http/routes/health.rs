@@ -24,7 +24,7 @@ pub async fn healthz() -> Json<Health> {
     (status = 503, description = "database unreachable", body = crate::http::error::Problem)
 ))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
-    match state.db.ping().await {
+    match state.services.db.ping().await {
         Ok(()) => Ok(Json(Health { status: "ready" })),
         Err(err) => {
             tracing::warn!(error = %err, "readiness check failed");

@@ -114,7 +114,7 @@ pub async fn list(
         after: decode_cursor(params.cursor.as_deref())?,
         limit: params.limit,
     };
-    let page = integrations::list(&state.db, &actor, query).await?;
+    let page = integrations::list(&state.services.db, &actor, query).await?;
     Ok(Json(IntegrationList {
         items: page.items.into_iter().map(IntegrationView::from).collect(),
         next_cursor: page.next.map(encode_cursor),
@@ -136,6 +136,6 @@ pub async fn get(
     Authorized(actor): Authorized<ReadIntegrations>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<IntegrationView>, ApiError> {
-    let integration = integrations::get(&state.db, &actor, id).await?;
+    let integration = integrations::get(&state.services.db, &actor, id).await?;
     Ok(Json(integration.into()))
 }

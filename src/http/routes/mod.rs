@@ -1,5 +1,6 @@
 //! Route handlers: thin adapters from HTTP to services.
 
+pub mod connect;
 pub mod health;
 pub mod integrations;
 pub mod openapi;

@@ -20,6 +20,8 @@ use crate::http::extract::Authenticated;
         super::health::readyz,
         openapi_json,
         super::providers::list,
+        super::connect::authorize,
+        super::connect::callback,
         super::integrations::list,
         super::integrations::get,
     ),
@@ -28,6 +30,7 @@ use crate::http::extract::Authenticated;
     tags(
         (name = "health", description = "Liveness and readiness"),
         (name = "providers", description = "OAuth providers this service knows"),
+        (name = "connect", description = "The authorization-code flow that connects an account"),
         (name = "integrations", description = "Users' connected provider accounts"),
         (name = "meta", description = "This document"),
     )

@@ -39,6 +39,7 @@ pub struct ProviderList {
     ))]
 pub async fn list(State(state): State<AppState>, _caller: Authenticated) -> Json<ProviderList> {
     let items = state
+        .services
         .providers
         .iter()
         .map(|provider| view(&state, provider))
@@ -57,6 +58,6 @@ fn view(state: &AppState, provider: &Provider) -> ProviderView {
         supports_pkce: definition.pkce,
         supports_revocation: definition.revocation_url.is_some(),
         default_scopes: definition.default_scopes.clone(),
-        redirect_uri: state.redirect_uri(&definition.name),
+        redirect_uri: state.services.redirect_uri(&definition.name),
     }
 }

@@ -1,6 +1,7 @@
 //! Test support: `spawn_app()` and helpers to mint JWTs and seed data.
 
 pub mod db;
+pub mod fake_provider;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -102,7 +103,7 @@ pub async fn spawn_app_on(
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("client"),
-        db: state.db.clone(),
+        db: state.services.db.clone(),
         state,
         clock,
 
@@ -227,4 +228,38 @@ pub async fn problem(response: reqwest::Response) -> (u16, Value) {
         "stable code"
     );
     (status, body)
+}
+
+/// The return URL connect-flow tests allow.
+pub const RETURN_BASE: &str = "https://app.example.test/settings";
+
+/// A service whose built-in providers (and the declared `acme`) point at a fresh fake
+/// authorization server.
+pub async fn spawn_with_fake() -> (TestApp, fake_provider::FakeProvider) {
+    spawn_with_fake_and(&[]).await
+}
+
+pub async fn spawn_with_fake_and(extra: &[(&str, &str)]) -> (TestApp, fake_provider::FakeProvider) {
+    let fake = fake_provider::FakeProvider::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("providers.toml");
+    std::fs::write(&path, fake.providers_toml()).expect("write providers file");
+    let path = path.to_string_lossy().into_owned();
+    let mut vars = vec![
+        ("OAUTH_PROVIDERS_FILE", path.as_str()),
+        ("OAUTH_ALLOWED_RETURN_URLS", RETURN_BASE),
+    ];
+    vars.extend_from_slice(extra);
+    let app = spawn_app_with(&vars).await;
+    (app, fake)
+}
+
+/// Counts rows of a table (tests only; the name is a constant of the test).
+pub async fn count_rows(db: &Database, table: &str) -> i64 {
+    let sql = format!("SELECT COUNT(*) FROM {table}");
+    match db {
+        Database::Postgres(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
+        Database::Sqlite(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
+    }
+    .expect("count")
 }
