@@ -14,7 +14,7 @@ use crate::crypto::{CryptoError, Keyring};
 use crate::http::{self, AppState};
 use crate::providers::{discovery, ProviderRegistry};
 use crate::services::vault::TokenVault;
-use crate::services::Context;
+use crate::services::{worker, Context};
 use crate::storage::{Database, PoolSettings, StorageError};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +34,15 @@ pub enum StartupError {
 /// Builds the keyring from the configured keys.
 pub fn keyring(config: &Config) -> Result<Keyring, StartupError> {
     let keys = config.encryption_keys()?;
-    Ok(Keyring::new(&keys.active, &keys.old)?)
+    Keyring::new(&keys.active, &keys.old).map_err(|err| match err {
+        // Only the configuration can repeat a key: name the variable to fix.
+        CryptoError::DuplicateKey => ConfigError::invalid(
+            "OAUTH_ENCRYPTION_OLD_KEYS",
+            "repeats the active key or another old key",
+        )
+        .into(),
+        other => other.into(),
+    })
 }
 
 /// Connects to the configured database and applies pending migrations.
@@ -50,40 +58,51 @@ pub struct Application {
     pub state: AppState,
 }
 
+/// Everything the services need, from the configuration: keyring, providers (after OIDC
+/// discovery), database (migrated), outbound HTTP client. Used by `serve` and `worker`.
+pub async fn build_services(
+    config: &mut Config,
+    clock: SharedClock,
+) -> Result<Context, StartupError> {
+    let keyring = Arc::new(keyring(config)?);
+    let http = crate::oauth::http_client().map_err(|err| StartupError::Http(err.to_string()))?;
+    for declared in config
+        .declared_providers
+        .iter_mut()
+        .filter(|d| d.needs_discovery())
+    {
+        discovery::complete(declared, &http).await;
+    }
+    let providers = Arc::new(ProviderRegistry::from_config(config)?);
+    let db = open_database(config).await?;
+    tracing::info!(
+        backend = db.backend(),
+        key_id = keyring.active_key_id(),
+        "storage ready"
+    );
+    Ok(Context {
+        db,
+        providers,
+        vault: TokenVault::new(keyring),
+        http,
+        clock,
+        public_url: config.public_url.clone(),
+        allowed_return_urls: Arc::new(config.allowed_return_urls.clone()),
+        lifecycle: config.lifecycle,
+        flights: Arc::default(),
+        instance_id: uuid::Uuid::new_v4().to_string().into(),
+    })
+}
+
 impl Application {
     pub async fn build(mut config: Config, clock: SharedClock) -> Result<Self, StartupError> {
         config.validate_for_serve()?;
-        let keyring = Arc::new(keyring(&config)?);
-        let http =
-            crate::oauth::http_client().map_err(|err| StartupError::Http(err.to_string()))?;
-        for declared in config
-            .declared_providers
-            .iter_mut()
-            .filter(|d| d.needs_discovery())
-        {
-            discovery::complete(declared, &http).await;
-        }
-        let providers = Arc::new(ProviderRegistry::from_config(&config)?);
         let verifier = Arc::new(JwtVerifier::new(
             &config.jwt,
             config.role_permissions.clone(),
             clock.clone(),
         )?);
-        let db = open_database(&config).await?;
-        tracing::info!(
-            backend = db.backend(),
-            key_id = keyring.active_key_id(),
-            "storage ready"
-        );
-        let services = Context {
-            db,
-            providers,
-            vault: TokenVault::new(keyring),
-            http,
-            clock,
-            public_url: config.public_url.clone(),
-            allowed_return_urls: Arc::new(config.allowed_return_urls.clone()),
-        };
+        let services = build_services(&mut config, clock).await?;
         Ok(Self {
             state: AppState {
                 config: Arc::new(config),
@@ -97,19 +116,32 @@ impl Application {
         http::router(self.state.clone())
     }
 
-    /// Serves until `shutdown` completes, then lets in-flight requests finish.
+    /// Serves until `shutdown` completes, then lets in-flight requests finish. Runs the
+    /// background worker alongside unless `OAUTH_BACKGROUND_REFRESH=false`.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let router = self.router();
+        let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
+        let background = self.state.config.background_refresh.then(|| {
+            let services = self.state.services.clone();
+            let settings = self.state.config.worker;
+            tokio::spawn(worker::run(services, settings, async {
+                let _ = worker_stopped.await;
+            }))
+        });
         axum::serve(
             listener,
             router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
         .await?;
+        let _ = stop_worker.send(());
+        if let Some(background) = background {
+            let _ = background.await;
+        }
         self.state.services.db.close().await;
         Ok(())
     }
@@ -142,4 +174,36 @@ pub async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutdown signal received; finishing in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Env;
+
+    const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const OTHER: &str = "HxseHRwbGhkYFxYVFBMSERAPDg0MCwoJCAcGBQQDAgE=";
+
+    fn keyring_with_old_keys(old: &str) -> Result<Keyring, StartupError> {
+        let lookup = |name: &str| match name {
+            "OAUTH_ENCRYPTION_KEY" => Some(KEY.to_owned()),
+            "OAUTH_ENCRYPTION_OLD_KEYS" => Some(old.to_owned()),
+            _ => None,
+        };
+        keyring(&Config::from_lookup(&Env::new(&lookup)).unwrap())
+    }
+
+    #[test]
+    fn a_repeated_key_is_a_configuration_error_naming_the_old_keys() {
+        assert!(keyring_with_old_keys(OTHER).is_ok());
+        for old in [KEY.to_owned(), format!("{OTHER},{OTHER}")] {
+            match keyring_with_old_keys(&old) {
+                Err(StartupError::Config(ConfigError::Invalid { var, reason })) => {
+                    assert_eq!(var, "OAUTH_ENCRYPTION_OLD_KEYS");
+                    assert!(!reason.contains(KEY) && !reason.contains(OTHER));
+                }
+                other => panic!("expected a configuration error, got {other:?}"),
+            }
+        }
+    }
 }

@@ -15,6 +15,9 @@ use url::Url;
 use crate::auth::rbac::RoleMap;
 use crate::crypto::KeyMaterial;
 use crate::providers::declared::{self, DeclaredProvider};
+use crate::services::tokens::LifecycleSettings;
+use crate::services::worker::WorkerSettings;
+use chrono::Duration;
 
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:8000";
 pub const DEFAULT_PUBLIC_URL: &str = "http://localhost:8000";
@@ -91,6 +94,14 @@ fn read_secret_file(var: &str, path: &str) -> Result<SecretString, ConfigError> 
         path: path.to_owned(),
         reason: err.to_string(),
     })?;
+    // An empty file is a mistake (a secret not mounted yet), not an unset variable: blank
+    // plain variables count as unset, but naming a file says a value was meant.
+    if content.trim().is_empty() {
+        return Err(ConfigError::invalid(
+            &format!("{var}_FILE"),
+            format!("{path} is empty"),
+        ));
+    }
     Ok(SecretString::from(
         content.trim_end_matches(['\r', '\n']).to_owned(),
     ))
@@ -159,6 +170,13 @@ pub struct Config {
     /// `OAUTH_TRUST_PROXY_HEADERS`: take the client IP from `X-Forwarded-For` (behind a proxy
     /// that sets it; never when clients can reach the service directly).
     pub trust_proxy_headers: bool,
+    /// Refresh timing (`OAUTH_REFRESH_SKEW_SECONDS`, `OAUTH_REFRESH_LEASE_SECONDS`).
+    pub lifecycle: LifecycleSettings,
+    /// `OAUTH_BACKGROUND_REFRESH` (default true): run the worker inside `serve`.
+    pub background_refresh: bool,
+    /// Worker timing (`OAUTH_REFRESH_INTERVAL_SECONDS`, `OAUTH_REFRESH_WINDOW_SECONDS`,
+    /// `OAUTH_REFRESH_CONCURRENCY`).
+    pub worker: WorkerSettings,
 }
 
 /// Environment prefixes whose `_CLIENT_ID` / `_CLIENT_SECRET` are read at start-up.
@@ -189,8 +207,12 @@ impl Config {
             providers_file,
             declared_providers,
             trust_proxy_headers: parse_bool(env, "OAUTH_TRUST_PROXY_HEADERS")?,
+            lifecycle: parse_lifecycle(env)?,
+            background_refresh: env.var("OAUTH_BACKGROUND_REFRESH").is_none()
+                || parse_bool(env, "OAUTH_BACKGROUND_REFRESH")?,
+            worker: parse_worker(env)?,
             allowed_return_urls: parse_return_urls(env)?,
-            redis_url: env.secret("REDIS_URL")?,
+            redis_url: parse_redis_url(env)?,
             log_format: parse_log_format(env)?,
             client_credentials: parse_client_credentials(env)?,
             provider_settings: PROVIDER_SETTING_VARS
@@ -271,6 +293,13 @@ fn parse_database_url(env: &Env<'_>) -> Result<SecretString, ConfigError> {
         .secret("DATABASE_URL")?
         .unwrap_or_else(|| SecretString::from(DEFAULT_DATABASE_URL));
     let raw = url.expose_secret();
+    if is_in_memory_sqlite(raw) {
+        return Err(ConfigError::invalid(
+            "DATABASE_URL",
+            "an in-memory SQLite database loses every row when its idle connections close; \
+             use a file such as sqlite://oauth-manager.db?mode=rwc",
+        ));
+    }
     if raw.starts_with("sqlite:") || is_postgres_url(raw) {
         Ok(url)
     } else {
@@ -278,6 +307,34 @@ fn parse_database_url(env: &Env<'_>) -> Result<SecretString, ConfigError> {
             "DATABASE_URL",
             "must start with sqlite: or postgres:// (postgresql://)",
         ))
+    }
+}
+
+/// `sqlite::memory:`, `sqlite://:memory:` or `mode=memory`, as sqlx reads them.
+fn is_in_memory_sqlite(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("sqlite:") else {
+        return false;
+    };
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let (database, query) = rest.split_once('?').unwrap_or((rest, ""));
+    database == ":memory:"
+        || url::form_urlencoded::parse(query.as_bytes())
+            .any(|(key, value)| key == "mode" && value == "memory")
+}
+
+/// The URL may carry a password: errors name the variable, never the value.
+fn parse_redis_url(env: &Env<'_>) -> Result<Option<SecretString>, ConfigError> {
+    const VAR: &str = "REDIS_URL";
+    let Some(url) = env.secret(VAR)? else {
+        return Ok(None);
+    };
+    match Url::parse(url.expose_secret()) {
+        Ok(parsed) if matches!(parsed.scheme(), "redis" | "rediss") => Ok(Some(url)),
+        Ok(_) => Err(ConfigError::invalid(
+            VAR,
+            "must be a redis:// or rediss:// URL",
+        )),
+        Err(err) => Err(ConfigError::invalid(VAR, format!("is not a URL: {err}"))),
     }
 }
 
@@ -427,6 +484,69 @@ fn parse_return_urls(env: &Env<'_>) -> Result<Vec<Url>, ConfigError> {
         .collect()
 }
 
+/// A whole number within `range`, or `default` when unset.
+fn parse_number(
+    env: &Env<'_>,
+    var: &str,
+    default: i64,
+    range: std::ops::RangeInclusive<i64>,
+) -> Result<i64, ConfigError> {
+    let Some(raw) = env.var(var) else {
+        return Ok(default);
+    };
+    match raw.trim().parse::<i64>() {
+        Ok(value) if range.contains(&value) => Ok(value),
+        _ => Err(ConfigError::invalid(
+            var,
+            format!(
+                "must be a whole number from {} to {}",
+                range.start(),
+                range.end()
+            ),
+        )),
+    }
+}
+
+fn parse_lifecycle(env: &Env<'_>) -> Result<LifecycleSettings, ConfigError> {
+    let defaults = LifecycleSettings::default();
+    Ok(LifecycleSettings {
+        refresh_skew: Duration::seconds(parse_number(
+            env,
+            "OAUTH_REFRESH_SKEW_SECONDS",
+            defaults.refresh_skew.num_seconds(),
+            0..=3600,
+        )?),
+        lease: Duration::seconds(parse_number(
+            env,
+            "OAUTH_REFRESH_LEASE_SECONDS",
+            defaults.lease.num_seconds(),
+            5..=600,
+        )?),
+        ..defaults
+    })
+}
+
+fn parse_worker(env: &Env<'_>) -> Result<WorkerSettings, ConfigError> {
+    let defaults = WorkerSettings::default();
+    let concurrency = parse_number(env, "OAUTH_REFRESH_CONCURRENCY", 64, 1..=1024)?;
+    Ok(WorkerSettings {
+        interval: Duration::seconds(parse_number(
+            env,
+            "OAUTH_REFRESH_INTERVAL_SECONDS",
+            defaults.interval.num_seconds(),
+            1..=3600,
+        )?),
+        window: Duration::seconds(parse_number(
+            env,
+            "OAUTH_REFRESH_WINDOW_SECONDS",
+            defaults.window.num_seconds(),
+            10..=86_400,
+        )?),
+        concurrency_per_provider: usize::try_from(concurrency).unwrap_or(64),
+        ..defaults
+    })
+}
+
 fn parse_bool(env: &Env<'_>, var: &str) -> Result<bool, ConfigError> {
     match env
         .var(var)
@@ -518,7 +638,16 @@ mod tests {
             ("OAUTH_ALLOWED_RETURN_URLS", "not a url"),
             ("OAUTH_LOG_FORMAT", "xml"),
             ("OAUTH_TRUST_PROXY_HEADERS", "maybe"),
+            ("OAUTH_REFRESH_LEASE_SECONDS", "1"),
+            ("OAUTH_REFRESH_SKEW_SECONDS", "-5"),
+            ("OAUTH_BACKGROUND_REFRESH", "sometimes"),
+            ("OAUTH_REFRESH_CONCURRENCY", "0"),
             ("OAUTH_PROVIDERS_FILE", "/nonexistent/providers.toml"),
+            ("REDIS_URL", "http://cache.internal:6379"),
+            ("REDIS_URL", "cache.internal:6379"),
+            ("DATABASE_URL", "sqlite::memory:"),
+            ("DATABASE_URL", "sqlite://:memory:"),
+            ("DATABASE_URL", "sqlite://oauth.db?mode=memory&cache=shared"),
         ];
         for (var, value) in cases {
             assert_eq!(&invalid_var(load(&[(var, value)])), var, "value {value:?}");
@@ -588,5 +717,49 @@ mod tests {
             load(&[("OAUTH_ENCRYPTION_KEY", KEY)]).expect("loads")
         );
         assert!(!debug.contains(KEY), "Debug output leaked the key");
+        for redis in ["http://:hunter2@cache:6379", "hunter2 is not a url"] {
+            let err = load(&[("REDIS_URL", redis)]).expect_err("not a redis URL");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn redis_urls_need_the_redis_or_rediss_scheme() {
+        for url in [
+            "redis://:secret@cache:6379/0",
+            "rediss://cache.internal:6380",
+        ] {
+            let config = load(&[("REDIS_URL", url)]).expect("loads");
+            let loaded = config.redis_url.as_ref().map(ExposeSecret::expose_secret);
+            assert_eq!(loaded, Some(url));
+        }
+        assert!(load(&[("REDIS_URL", " ")])
+            .expect("blank is unset")
+            .redis_url
+            .is_none());
+    }
+
+    #[test]
+    fn an_empty_secret_file_is_an_error_naming_the_file_variable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("empty");
+        std::fs::write(&path, " \n\n").expect("write");
+        let path = path.to_string_lossy().into_owned();
+        for var in ["OAUTH_ENCRYPTION_KEY", "REDIS_URL", "DATABASE_URL"] {
+            let file_var = format!("{var}_FILE");
+            assert_eq!(invalid_var(load(&[(&file_var, &path)])), file_var);
+        }
+    }
+
+    #[test]
+    fn file_backed_sqlite_urls_are_accepted() {
+        for url in [
+            "sqlite://oauth.db?mode=rwc",
+            "sqlite:data/oauth.db",
+            "sqlite://memory.db",
+        ] {
+            let config = load(&[("DATABASE_URL", url)]).expect("loads");
+            assert_eq!(config.database_url.expose_secret(), url);
+        }
     }
 }

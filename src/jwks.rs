@@ -1,7 +1,8 @@
 //! A cached JSON Web Key Set: the host product's JWT keys (`OAUTH_JWT_JWKS_URL`) and OpenID
 //! providers' ID-token keys. Refetched when stale or when a token names an unknown `kid`
-//! (key rotation), but at most once per cooldown so forged kids cannot make us hammer the
-//! identity provider; a stale key is used while the provider is unreachable.
+//! (key rotation), but at most once per cooldown, failed attempts included, so neither forged
+//! kids nor an unreachable provider make us hammer (and every request wait on) the identity
+//! provider; a stale key is used while the provider is unreachable.
 
 use std::collections::HashMap;
 use std::time::Duration as StdDuration;
@@ -44,7 +45,25 @@ pub struct JwksCache {
     url: Url,
     http: reqwest::Client,
     cached: RwLock<Option<Fetched>>,
-    fetching: Mutex<()>,
+    /// Serializes fetches and remembers the last one, successful or not: the cooldown starts
+    /// at every attempt, so an unreachable provider is not asked again on every request.
+    fetching: Mutex<Option<Attempt>>,
+}
+
+/// The last fetch attempt: when, and why it failed (`None` when it succeeded).
+struct Attempt {
+    at: DateTime<Utc>,
+    failure: Option<String>,
+}
+
+impl Attempt {
+    /// What a caller whose key is not cached is told until the next attempt.
+    fn error(&self) -> JwksError {
+        match &self.failure {
+            Some(reason) => JwksError::Unavailable(reason.clone()),
+            None => JwksError::UnknownKey,
+        }
+    }
 }
 
 impl JwksCache {
@@ -57,7 +76,7 @@ impl JwksCache {
             url,
             http,
             cached: RwLock::new(None),
-            fetching: Mutex::new(()),
+            fetching: Mutex::new(None),
         })
     }
 
@@ -70,33 +89,41 @@ impl JwksCache {
         if let Some(found) = self.lookup(kid, now, false).await {
             return Ok(found);
         }
-        let _guard = self.fetching.lock().await;
+        let mut last_attempt = self.fetching.lock().await;
         // Another request may have refreshed the cache while we waited for the lock.
         if let Some(found) = self.lookup(kid, now, false).await {
             return Ok(found);
         }
-        let may_fetch = match self.cached.read().await.as_ref() {
-            None => true,
-            Some(fetched) => now - fetched.at >= JWKS_REFETCH_COOLDOWN,
-        };
-        if may_fetch {
-            match self.fetch().await {
-                Ok(keys) => {
-                    *self.cached.write().await = Some(Fetched { keys, at: now });
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, url = %self.url, "JWKS fetch failed");
-                    // A stale key still beats refusing every caller while the IdP is down.
-                    return self
-                        .lookup(kid, now, true)
-                        .await
-                        .ok_or(JwksError::Unavailable(err));
-                }
+        // Within the cooldown of the last attempt, successful or not, answer from what we
+        // have without asking the provider again.
+        let due = last_attempt
+            .as_ref()
+            .is_none_or(|attempt| now - attempt.at >= JWKS_REFETCH_COOLDOWN);
+        if due {
+            let failure = self.refresh(now).await.err();
+            *last_attempt = Some(Attempt { at: now, failure });
+        }
+        // A stale key still beats refusing every caller while the IdP is down.
+        let found = self.lookup(kid, now, true).await;
+        found.ok_or_else(|| {
+            last_attempt
+                .as_ref()
+                .map_or(JwksError::UnknownKey, Attempt::error)
+        })
+    }
+
+    /// Fetches the key set and replaces the cached one; a failure keeps the cached keys.
+    async fn refresh(&self, now: DateTime<Utc>) -> Result<(), String> {
+        match self.fetch().await {
+            Ok(keys) => {
+                *self.cached.write().await = Some(Fetched { keys, at: now });
+                Ok(())
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, url = %self.url, "JWKS fetch failed");
+                Err(err)
             }
         }
-        self.lookup(kid, now, true)
-            .await
-            .ok_or(JwksError::UnknownKey)
     }
 
     async fn lookup(
@@ -128,15 +155,32 @@ impl JwksCache {
         if !response.status().is_success() {
             return Err(format!("HTTP {}", response.status()));
         }
-        let body = response
-            .bytes()
-            .await
-            .map_err(|err| err.without_url().to_string())?;
-        if body.len() > MAX_JWKS_BYTES {
-            return Err("JWKS document too large".to_owned());
-        }
-        parse_jwks(&body)
+        parse_jwks(&read_limited(response).await?)
     }
+}
+
+/// The body, refused as soon as it exceeds `MAX_JWKS_BYTES`: a hostile or broken endpoint
+/// must not make us buffer an unbounded document.
+async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, String> {
+    const TOO_LARGE: &str = "JWKS document too large";
+    if response
+        .content_length()
+        .is_some_and(|declared| declared > MAX_JWKS_BYTES as u64)
+    {
+        return Err(TOO_LARGE.to_owned());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|err| err.without_url().to_string())?
+    {
+        if body.len() + chunk.len() > MAX_JWKS_BYTES {
+            return Err(TOO_LARGE.to_owned());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Parses a JWKS document, keeping signature keys of asymmetric algorithms only.

@@ -10,9 +10,9 @@ use secrecy::ExposeSecret;
 
 use oauth_manager::app::{self, Application};
 use oauth_manager::clock::{SharedClock, SystemClock};
-use oauth_manager::config::{Config, Env, LogFormat};
+use oauth_manager::config::{Config, Env};
 use oauth_manager::crypto::KeyMaterial;
-use oauth_manager::services::{keys, vault::TokenVault};
+use oauth_manager::services::{keys, vault::TokenVault, worker};
 use oauth_manager::{dev, telemetry};
 
 #[derive(Debug, Parser)]
@@ -28,6 +28,9 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Run only the background worker (token refresh, pending revocations, purging), for
+    /// deployments that scale it separately from `serve` (then set OAUTH_BACKGROUND_REFRESH=false there).
+    Worker,
     /// Local development: SQLite, generated keys, printed bearer tokens. NOT for production.
     Dev {
         /// Where the development key and JWT secret are kept.
@@ -78,6 +81,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev { dir } => run_dev(&dir, clock).await,
+        Command::Worker => {
+            let mut config = load_config()?;
+            let services = app::build_services(&mut config, clock).await?;
+            tracing::info!("background worker running");
+            worker::run(services, config.worker, app::shutdown_signal()).await;
+            Ok(())
+        }
         Command::Keys {
             command: KeysCommand::Generate,
         } => {
@@ -115,6 +125,14 @@ async fn serve(config: Config, clock: SharedClock) -> anyhow::Result<()> {
 }
 
 async fn run_dev(dir: &std::path::Path, clock: SharedClock) -> anyhow::Result<()> {
+    // dev must never touch a real deployment's database, whatever the shell exports.
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        if !url.starts_with("sqlite:") {
+            anyhow::bail!(
+                "dev runs on SQLite only; unset DATABASE_URL (it names another database)"
+            );
+        }
+    }
     let secrets = dev::DevSecrets::load_or_create(dir)
         .with_context(|| format!("cannot prepare the development folder {}", dir.display()))?;
     let listen =
@@ -142,8 +160,14 @@ async fn run_dev(dir: &std::path::Path, clock: SharedClock) -> anyhow::Result<()
         _ => std::env::var(name).ok(),
     };
     let config = Config::from_lookup(&Env::new(&lookup))?;
-    telemetry::init(LogFormat::Pretty);
+    telemetry::init(config.log_format);
     let addr = config.listen_addr;
+    if !addr.ip().is_loopback() {
+        eprintln!(
+            "WARNING: dev is listening on {addr}, reachable from other machines, and prints \
+             tokens that grant access to everything it stores."
+        );
+    }
     let application = Application::build(config, clock.clone()).await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await

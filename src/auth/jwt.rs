@@ -50,7 +50,8 @@ enum Keys {
         key: DecodingKey,
         algorithm: Algorithm,
     },
-    Jwks(JwksCache),
+    /// Boxed: the cache (with its HTTP client and locks) dwarfs a static key.
+    Jwks(Box<JwksCache>),
 }
 
 pub struct JwtVerifier {
@@ -84,10 +85,11 @@ impl JwtVerifier {
                 algorithm: Algorithm::HS256,
             },
             Some(JwtKeySource::PublicKeyPem(pem)) => static_pem_key(pem)?,
-            Some(JwtKeySource::JwksUrl(url)) => Keys::Jwks(
-                JwksCache::new(url.clone())
-                    .map_err(|err| ConfigError::invalid("OAUTH_JWT_JWKS_URL", err.to_string()))?,
-            ),
+            Some(JwtKeySource::JwksUrl(url)) => {
+                Keys::Jwks(Box::new(JwksCache::new(url.clone()).map_err(|err| {
+                    ConfigError::invalid("OAUTH_JWT_JWKS_URL", err.to_string())
+                })?))
+            }
             None => {
                 return Err(ConfigError::missing(
                     "OAUTH_JWT_SECRET",
@@ -176,17 +178,19 @@ impl JwtVerifier {
             }
         };
         let expires = time("exp")?.ok_or(AuthError::MissingExpiry)?;
-        if expires + self.leeway <= now {
+        // Checked: a validly signed token may carry dates at chrono's limits, where adding
+        // the leeway would overflow (and panic) instead of answering.
+        let shifted = |time: DateTime<Utc>, by: Duration| {
+            time.checked_add_signed(by).ok_or(AuthError::Malformed)
+        };
+        if shifted(expires, self.leeway)? <= now {
             return Err(AuthError::Expired);
         }
-        if let Some(not_before) = time("nbf")? {
-            if not_before - self.leeway > now {
-                return Err(AuthError::NotYetValid);
-            }
-        }
-        if let Some(issued) = time("iat")? {
-            if issued - self.leeway > now {
-                return Err(AuthError::NotYetValid);
+        for name in ["nbf", "iat"] {
+            if let Some(start) = time(name)? {
+                if shifted(start, -self.leeway)? > now {
+                    return Err(AuthError::NotYetValid);
+                }
             }
         }
         Ok(())
@@ -244,6 +248,14 @@ fn static_pem_key(pem: &str) -> Result<Keys, ConfigError> {
         });
     }
     if let Ok(key) = DecodingKey::from_ec_pem(pem.as_bytes()) {
+        // jsonwebtoken takes an EC key on any curve here; a P-384 key would then fail every
+        // ES256 token at run time, so it is refused at start-up instead.
+        if !is_p256(&key) {
+            return Err(ConfigError::invalid(
+                VAR,
+                "is an EC key on another curve than P-256; only ES256 (P-256) is supported",
+            ));
+        }
         return Ok(Keys::Static {
             key,
             algorithm: Algorithm::ES256,
@@ -253,4 +265,74 @@ fn static_pem_key(pem: &str) -> Result<Keys, ConfigError> {
         VAR,
         "not a PEM-encoded RSA (RS256) or P-256 EC (ES256) public key",
     ))
+}
+
+/// Building jsonwebtoken's ES256 verifier parses the key as a P-256 point, which fails for any
+/// other curve; the empty signature then merely does not verify.
+fn is_p256(key: &DecodingKey) -> bool {
+    jsonwebtoken::crypto::verify("", b"", key, Algorithm::ES256).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use secrecy::SecretString;
+    use serde_json::json;
+
+    use super::*;
+    use crate::clock::ManualClock;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+    const EC_P256_PUBLIC: &str = include_str!("../../tests/fixtures/jwt_ec_public.pem");
+    const EC_P384_PUBLIC: &str = include_str!("../../tests/fixtures/jwt_ec384_public.pem");
+
+    fn verifier(key: JwtKeySource) -> Result<JwtVerifier, ConfigError> {
+        let settings = JwtSettings {
+            key: Some(key),
+            issuer: None,
+            audience: None,
+            roles_claim: "roles".to_owned(),
+            leeway_seconds: 30,
+        };
+        let clock = Arc::new(ManualClock::new(Utc::now()));
+        JwtVerifier::new(&settings, RoleMap::default(), clock)
+    }
+
+    fn sign(claims: &Value) -> String {
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        encode(&Header::new(Algorithm::HS256), claims, &key).unwrap()
+    }
+
+    #[tokio::test]
+    async fn time_claims_at_chronos_limits_are_malformed_not_a_panic() {
+        let verifier = verifier(JwtKeySource::Secret(SecretString::from(SECRET))).unwrap();
+        // ≈ 8.2e12 and -8.3e12: representable, but not once shifted by the leeway.
+        let latest = DateTime::<Utc>::MAX_UTC.timestamp();
+        let earliest = DateTime::<Utc>::MIN_UTC.timestamp();
+        let valid_until = Utc::now().timestamp() + 3600;
+        for claims in [
+            json!({"sub": "alice", "exp": latest}),
+            json!({"sub": "alice", "exp": valid_until, "nbf": earliest}),
+            json!({"sub": "alice", "exp": valid_until, "iat": earliest}),
+        ] {
+            let result = verifier.verify(&sign(&claims)).await;
+            assert_eq!(result.err(), Some(AuthError::Malformed), "{claims}");
+        }
+        let ordinary = json!({"sub": "alice", "exp": valid_until, "nbf": 0, "iat": 0});
+        assert!(verifier.verify(&sign(&ordinary)).await.is_ok());
+    }
+
+    #[test]
+    fn an_ec_key_on_another_curve_than_p256_is_refused_at_start_up() {
+        assert!(verifier(JwtKeySource::PublicKeyPem(EC_P256_PUBLIC.to_owned())).is_ok());
+        match verifier(JwtKeySource::PublicKeyPem(EC_P384_PUBLIC.to_owned())) {
+            Err(ConfigError::Invalid { var, reason }) => {
+                assert_eq!(var, "OAUTH_JWT_PUBLIC_KEY");
+                assert!(reason.contains("P-256"), "{reason}");
+            }
+            other => panic!("a P-384 key must be refused, got {:?}", other.map(|_| ())),
+        }
+    }
 }

@@ -152,6 +152,21 @@ impl From<ServiceError> for ApiError {
             ),
             ServiceError::Forbidden(forbidden) => forbidden.into(),
             ServiceError::InvalidInput { code, detail } => Self::bad_request(code, detail),
+            ServiceError::ReauthRequired { .. } => {
+                Self::new(StatusCode::CONFLICT, "reauth_required", err.to_string())
+            }
+            ServiceError::IntegrationRevoked => {
+                Self::new(StatusCode::CONFLICT, "integration_revoked", err.to_string())
+            }
+            ServiceError::ProviderUnavailable {
+                detail,
+                retry_after_seconds,
+            } => Self::unavailable("provider_unavailable", detail, retry_after_seconds),
+            ServiceError::ProviderMisconfigured { .. } => Self::new(
+                StatusCode::BAD_GATEWAY,
+                "provider_misconfigured",
+                err.to_string(),
+            ),
             ServiceError::Storage(storage) if storage.is_unavailable() => {
                 tracing::warn!(error = %storage, "database unavailable");
                 Self::unavailable(

@@ -5,6 +5,7 @@ pub mod error;
 pub mod extract;
 pub mod routes;
 
+use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -26,6 +28,8 @@ use error::ApiError;
 
 pub const API_PREFIX: &str = "/api/v1/oauth";
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// A caller's request id longer than this is replaced by a fresh one.
+const MAX_REQUEST_ID_LEN: usize = 128;
 /// Bodies of this API are small JSON documents.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 /// No request may hang longer than this, whatever a dependency does.
@@ -49,7 +53,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/callback/{provider}", get(routes::connect::callback))
         .route("/integrations", get(routes::integrations::list))
-        .route("/integrations/{id}", get(routes::integrations::get))
+        .route(
+            "/integrations/{id}",
+            get(routes::integrations::get).delete(routes::tokens::disconnect),
+        )
+        .route("/integrations/{id}/token", get(routes::tokens::token))
+        .route("/integrations/{id}/refresh", post(routes::tokens::refresh))
         // Responses of this API may carry tokens: never cache them anywhere.
         .layer(SetResponseHeaderLayer::if_not_present(
             header::CACHE_CONTROL,
@@ -64,6 +73,9 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .layer(
             ServiceBuilder::new()
+                // A caller's id is echoed and logged: only a plain, short one is kept, anything
+                // else is dropped here so the next layer assigns a fresh UUID.
+                .map_request(drop_unusable_request_id)
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
                 .layer(
                     TraceLayer::new_for_http()
@@ -85,6 +97,9 @@ pub fn router(state: AppState) -> Router {
                     header::X_CONTENT_TYPE_OPTIONS,
                     HeaderValue::from_static("nosniff"),
                 ))
+                // A panicking handler answers a problem+json 500 (with its request id) instead
+                // of dropping the connection.
+                .layer(CatchPanicLayer::custom(panic_response))
                 .layer(middleware::from_fn(request_timeout))
                 .layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
         )
@@ -97,6 +112,32 @@ async fn request_timeout(request: Request, next: Next) -> Response {
             ApiError::unavailable("request_timeout", "the request took too long", 1).into_response()
         }
     }
+}
+
+/// Keeps `x-request-id` only when it matches `[A-Za-z0-9._:-]{1,128}`: the value reaches every
+/// log line and response, so spaces, quotes or kilobytes of text must not.
+fn drop_unusable_request_id(mut request: Request) -> Request {
+    let usable = request.headers().get(REQUEST_ID).is_some_and(|value| {
+        let id = value.as_bytes();
+        (1..=MAX_REQUEST_ID_LEN).contains(&id.len())
+            && id
+                .iter()
+                .all(|byte| byte.is_ascii_alphanumeric() || b"._:-".contains(byte))
+    });
+    if !usable {
+        request.headers_mut().remove(REQUEST_ID);
+    }
+    request
+}
+
+/// A panic is a bug: its message goes to the log, the caller gets the usual 500.
+fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a non-text payload");
+    ApiError::internal(&format!("handler panicked: {message}")).into_response()
 }
 
 async fn not_found() -> ApiError {

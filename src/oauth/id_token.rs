@@ -267,12 +267,18 @@ fn check_times(
     };
     // `exp` is REQUIRED in an ID token: without it the token would be valid forever.
     let expires_at = time("exp")?.ok_or(IdTokenError::Malformed)?;
-    if expires_at + leeway <= now {
+    // Checked: dates at chrono's limits would overflow (and panic) when shifted by the leeway.
+    let shifted = |time: DateTime<Utc>, by: Duration| {
+        time.checked_add_signed(by).ok_or(IdTokenError::Malformed)
+    };
+    if shifted(expires_at, leeway)? <= now {
         return Err(IdTokenError::Expired);
     }
     let issued_at = time("iat")?;
-    if issued_at.is_some_and(|iat| iat - leeway > now) {
-        return Err(IdTokenError::IssuedInFuture);
+    if let Some(iat) = issued_at {
+        if shifted(iat, -leeway)? > now {
+            return Err(IdTokenError::IssuedInFuture);
+        }
     }
     Ok((expires_at, issued_at))
 }
@@ -322,3 +328,34 @@ fn numeric_date(value: &Value) -> Option<DateTime<Utc>> {
 #[cfg(test)]
 #[path = "id_token_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod time_limit_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn times(claims: Value) -> Result<(DateTime<Utc>, Option<DateTime<Utc>>), IdTokenError> {
+        let Value::Object(claims) = claims else {
+            panic!("claims are an object");
+        };
+        check_times(&claims, Utc::now(), Duration::seconds(30))
+    }
+
+    #[test]
+    fn dates_at_chronos_limits_are_malformed_not_a_panic() {
+        // ≈ 8.2e12 and -8.3e12: representable, but not once shifted by the leeway.
+        let latest = DateTime::<Utc>::MAX_UTC.timestamp();
+        let earliest = DateTime::<Utc>::MIN_UTC.timestamp();
+        let valid_until = Utc::now().timestamp() + 3600;
+        assert_eq!(
+            times(json!({"exp": latest})).err(),
+            Some(IdTokenError::Malformed)
+        );
+        assert_eq!(
+            times(json!({"exp": valid_until, "iat": earliest})).err(),
+            Some(IdTokenError::Malformed)
+        );
+        assert!(times(json!({"exp": valid_until, "iat": 0})).is_ok());
+    }
+}

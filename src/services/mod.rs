@@ -2,10 +2,13 @@
 //! [`Actor`](crate::auth::rbac::Actor) proving the caller's permission.
 
 pub mod audit;
+pub mod disconnect;
 pub mod flow;
 pub mod integrations;
 pub mod keys;
+pub mod tokens;
 pub mod vault;
+pub mod worker;
 
 use std::sync::Arc;
 
@@ -31,6 +34,11 @@ pub struct Context {
     pub public_url: Url,
     /// `OAUTH_ALLOWED_RETURN_URLS`.
     pub allowed_return_urls: Arc<Vec<Url>>,
+    pub lifecycle: tokens::LifecycleSettings,
+    /// In-process single-flight locks, one per integration being refreshed.
+    pub flights: Arc<tokens::Flights>,
+    /// This process's name on refresh leases.
+    pub instance_id: Arc<str>,
 }
 
 impl Context {
@@ -57,6 +65,17 @@ pub enum ServiceError {
     },
     #[error("{detail}")]
     InvalidInput { code: &'static str, detail: String },
+    #[error("the {provider} connection must be authorized again (run the connect flow)")]
+    ReauthRequired { provider: String },
+    #[error("the integration was disconnected")]
+    IntegrationRevoked,
+    #[error("{detail}")]
+    ProviderUnavailable {
+        detail: String,
+        retry_after_seconds: u64,
+    },
+    #[error("the {provider} provider rejected this service's client credentials")]
+    ProviderMisconfigured { provider: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]

@@ -68,6 +68,7 @@ impl TokenVault {
             generation: 0,
             created_at: now,
             updated_at: now,
+            refresh_failures: 0,
         })
     }
 

@@ -292,3 +292,76 @@ impl Database {
         })
     }
 }
+
+impl Database {
+    /// Sets the status; `error` (when given) becomes the last error.
+    pub async fn set_integration_status(
+        &self,
+        id: Uuid,
+        status: IntegrationStatus,
+        error: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<()> {
+        let sql = "UPDATE oauth_integrations SET status = $2, updated_at = $3, \
+                   last_error = COALESCE($4, last_error), \
+                   last_error_at = CASE WHEN $4 IS NULL THEN last_error_at ELSE $3 END WHERE id = $1";
+        with_pool!(self, pool => sqlx::query(sql)
+            .bind(id)
+            .bind(status.as_str())
+            .bind(now)
+            .bind(error)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// A successful refresh: clears the last error.
+    pub async fn mark_integration_refreshed(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StorageResult<()> {
+        let sql = "UPDATE oauth_integrations SET last_refreshed_at = $2, updated_at = $2, \
+                   last_error = NULL, last_error_at = NULL WHERE id = $1";
+        with_pool!(self, pool => sqlx::query(sql).bind(id).bind(now).execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// A failure that leaves the status as it is (transient, or our own configuration).
+    pub async fn record_integration_error(
+        &self,
+        id: Uuid,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> StorageResult<()> {
+        let sql = "UPDATE oauth_integrations SET last_error = $2, last_error_at = $3 WHERE id = $1";
+        with_pool!(self, pool => sqlx::query(sql).bind(id).bind(error).bind(now).execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Disconnects locally in one transaction: the integration becomes `revoked` and its tokens
+    /// are queued for revocation at the provider (or deleted when `queue` is false).
+    pub async fn disconnect_integration(
+        &self,
+        id: Uuid,
+        queue: bool,
+        now: DateTime<Utc>,
+    ) -> StorageResult<()> {
+        let status_sql =
+            "UPDATE oauth_integrations SET status = 'revoked', updated_at = $2 WHERE id = $1";
+        let tokens_sql = if queue {
+            "UPDATE oauth_tokens SET revoke_requested_at = $2, revoke_not_before = $2, \
+             lease_owner = NULL, lease_until = NULL WHERE integration_id = $1"
+        } else {
+            "DELETE FROM oauth_tokens WHERE integration_id = $1 AND $2 IS NOT NULL"
+        };
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(status_sql).bind(id).bind(now).execute(&mut *tx).await?;
+            sqlx::query(tokens_sql).bind(id).bind(now).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+}

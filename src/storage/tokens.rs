@@ -21,6 +21,8 @@ pub struct SealedTokens {
     pub generation: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Consecutive transient refresh failures (drives the back-off).
+    pub refresh_failures: i32,
 }
 
 /// A token row with the user id of its integration.
@@ -38,7 +40,10 @@ pub(crate) const UPSERT_SQL: &str = "INSERT INTO oauth_tokens (integration_id, k
     access_token = excluded.access_token, refresh_token = excluded.refresh_token, \
     id_token = excluded.id_token, token_type = excluded.token_type, expires_at = excluded.expires_at, \
     refresh_token_expires_at = excluded.refresh_token_expires_at, \
-    generation = oauth_tokens.generation + 1, updated_at = excluded.updated_at RETURNING generation";
+    generation = oauth_tokens.generation + 1, updated_at = excluded.updated_at, \
+    lease_owner = NULL, lease_until = NULL, refresh_failures = 0, refresh_not_before = NULL, \
+    revoke_requested_at = NULL, revoke_attempts = 0, revoke_not_before = NULL, \
+    revoke_last_error = NULL RETURNING generation";
 
 /// The upsert of a token row, bound and ready for any executor (pool or transaction).
 macro_rules! upsert_tokens_query {
@@ -60,7 +65,7 @@ pub(crate) use upsert_tokens_query;
 
 pub(crate) const COLUMNS: &str =
     "integration_id, key_id, access_token, refresh_token, id_token, token_type, \
-    expires_at, refresh_token_expires_at, generation, created_at, updated_at";
+    expires_at, refresh_token_expires_at, generation, created_at, updated_at, refresh_failures";
 
 impl Database {
     /// Inserts or replaces the token set of an integration; the stored generation becomes
@@ -118,5 +123,193 @@ impl Database {
             .await
             .map(|done| done.rows_affected()))?;
         Ok(result == 1)
+    }
+}
+
+/// A token row queued for revocation at its provider, with what is needed to do it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct QueuedRevocation {
+    #[sqlx(flatten)]
+    pub tokens: SealedTokens,
+    pub user_id: String,
+    pub provider: String,
+    pub revoke_attempts: i32,
+}
+
+impl Database {
+    /// Takes the refresh lease of an integration's tokens if nobody holds a live one.
+    pub async fn try_lease_tokens(
+        &self,
+        integration_id: Uuid,
+        owner: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StorageResult<bool> {
+        // The owner may re-take its own lease: the in-process lock already serialises this
+        // process's refreshers, and the background worker claims leases ahead of refreshing.
+        let sql = "UPDATE oauth_tokens SET lease_owner = $2, lease_until = $3 \
+                   WHERE integration_id = $1 AND revoke_requested_at IS NULL \
+                   AND (lease_until IS NULL OR lease_until <= $4 OR lease_owner = $2)";
+        let affected = with_pool!(self, pool => sqlx::query(sql)
+            .bind(integration_id)
+            .bind(owner)
+            .bind(until)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(affected == 1)
+    }
+
+    /// Gives the lease back without changing the tokens (nothing to refresh after all).
+    pub async fn release_token_lease(
+        &self,
+        integration_id: Uuid,
+        owner: &str,
+    ) -> StorageResult<()> {
+        let sql = "UPDATE oauth_tokens SET lease_owner = NULL, lease_until = NULL \
+                   WHERE integration_id = $1 AND lease_owner = $2";
+        with_pool!(self, pool => sqlx::query(sql).bind(integration_id).bind(owner).execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Stores refreshed tokens and releases the lease in one statement. Deliberately not
+    /// conditional on still holding the lease: a rotated refresh token is the only one that
+    /// works now, and losing it would lose the connection.
+    pub async fn store_refreshed_tokens(&self, tokens: &SealedTokens) -> StorageResult<i64> {
+        let sql = "UPDATE oauth_tokens SET key_id = $2, access_token = $3, refresh_token = $4, \
+                   id_token = $5, token_type = $6, expires_at = $7, refresh_token_expires_at = $8, \
+                   updated_at = $9, generation = generation + 1, lease_owner = NULL, \
+                   lease_until = NULL, refresh_failures = 0, refresh_not_before = NULL \
+                   WHERE integration_id = $1 RETURNING generation";
+        Ok(with_pool!(self, pool => sqlx::query_scalar(sql)
+            .bind(tokens.integration_id)
+            .bind(&tokens.key_id)
+            .bind(&tokens.access_token)
+            .bind(&tokens.refresh_token)
+            .bind(&tokens.id_token)
+            .bind(&tokens.token_type)
+            .bind(tokens.expires_at)
+            .bind(tokens.refresh_token_expires_at)
+            .bind(tokens.updated_at)
+            .fetch_one(pool)
+            .await)?)
+    }
+
+    /// A transient refresh failure: release the lease and back off until `not_before`.
+    pub async fn record_refresh_failure(
+        &self,
+        integration_id: Uuid,
+        owner: &str,
+        not_before: DateTime<Utc>,
+    ) -> StorageResult<()> {
+        let sql = "UPDATE oauth_tokens SET refresh_failures = refresh_failures + 1, \
+                   refresh_not_before = $3, lease_owner = NULL, lease_until = NULL \
+                   WHERE integration_id = $1 AND lease_owner = $2";
+        with_pool!(self, pool => sqlx::query(sql)
+            .bind(integration_id)
+            .bind(owner)
+            .bind(not_before)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Leases up to `limit` active integrations whose tokens expire before `due_before`, for
+    /// the background refresher. Replicas never claim the same row: PostgreSQL skips rows
+    /// another claimer has locked, and the lease condition is re-checked on the locked row.
+    pub async fn claim_due_refreshes(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        due_before: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> StorageResult<Vec<Uuid>> {
+        let candidates = "SELECT t.integration_id FROM oauth_tokens t \
+             JOIN oauth_integrations i ON i.id = t.integration_id \
+             WHERE i.status = 'active' AND t.revoke_requested_at IS NULL \
+             AND t.refresh_token IS NOT NULL AND t.expires_at IS NOT NULL AND t.expires_at <= $3 \
+             AND (t.lease_until IS NULL OR t.lease_until <= $4) \
+             AND (t.refresh_not_before IS NULL OR t.refresh_not_before <= $4) \
+             ORDER BY t.expires_at LIMIT $5";
+        let claim = |lock: &str| {
+            format!(
+                "UPDATE oauth_tokens SET lease_owner = $1, lease_until = $2 \
+                 WHERE integration_id IN ({candidates}{lock}) \
+                 AND (lease_until IS NULL OR lease_until <= $4) RETURNING integration_id"
+            )
+        };
+        let ids = match self {
+            Database::Postgres(pool) => {
+                sqlx::query_scalar(&claim(" FOR UPDATE OF t SKIP LOCKED"))
+                    .bind(owner)
+                    .bind(lease_until)
+                    .bind(due_before)
+                    .bind(now)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?
+            }
+            // SQLite serialises writers, so the claim is atomic as it stands.
+            Database::Sqlite(pool) => {
+                sqlx::query_scalar(&claim(""))
+                    .bind(owner)
+                    .bind(lease_until)
+                    .bind(due_before)
+                    .bind(now)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?
+            }
+        };
+        Ok(ids)
+    }
+
+    /// Revocations whose next attempt is due.
+    pub async fn due_revocations(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> StorageResult<Vec<QueuedRevocation>> {
+        let columns = COLUMNS.replace(", ", ", t.");
+        let sql = format!(
+            "SELECT t.{columns}, i.user_id, i.provider, t.revoke_attempts FROM oauth_tokens t \
+             JOIN oauth_integrations i ON i.id = t.integration_id \
+             WHERE t.revoke_requested_at IS NOT NULL AND t.revoke_not_before <= $1 \
+             ORDER BY t.revoke_not_before LIMIT $2"
+        );
+        Ok(
+            with_pool!(self, pool => sqlx::query_as(&sql).bind(now).bind(limit).fetch_all(pool).await)?,
+        )
+    }
+
+    /// A failed revocation attempt: try again at `not_before`.
+    pub async fn postpone_revocation(
+        &self,
+        integration_id: Uuid,
+        not_before: DateTime<Utc>,
+        error: &str,
+    ) -> StorageResult<()> {
+        let sql = "UPDATE oauth_tokens SET revoke_attempts = revoke_attempts + 1, \
+                   revoke_not_before = $2, revoke_last_error = $3 \
+                   WHERE integration_id = $1 AND revoke_requested_at IS NOT NULL";
+        with_pool!(self, pool => sqlx::query(sql)
+            .bind(integration_id)
+            .bind(not_before)
+            .bind(error)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Deletes an integration's tokens (after revocation, or when nothing is left to revoke):
+    /// the sealed values are gone for good.
+    pub async fn delete_tokens(&self, integration_id: Uuid) -> StorageResult<()> {
+        let sql = "DELETE FROM oauth_tokens WHERE integration_id = $1";
+        with_pool!(self, pool => sqlx::query(sql).bind(integration_id).execute(pool).await.map(|_| ()))?;
+        Ok(())
     }
 }

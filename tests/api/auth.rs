@@ -1,15 +1,17 @@
 //! Authentication of callers: every 401 case, each key source, algorithm confusion.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
+use axum::http::StatusCode;
 use axum::routing::get;
 use chrono::Duration;
-use jsonwebtoken::Algorithm;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use oauth_manager::clock::Clock;
 use serde_json::{json, Value};
 
 use crate::support::{
-    claims, problem, sign_hs256, sign_hs256_with, sign_pem, spawn_app, spawn_app_with,
+    claims, problem, sign_hs256, sign_hs256_with, sign_pem, spawn_app, spawn_app_with, TestApp,
 };
 
 const PROVIDERS: &str = "/api/v1/oauth/providers";
@@ -189,13 +191,25 @@ async fn rs256_and_es256_public_keys_verify_and_refuse_algorithm_swaps() {
     }
 }
 
-/// A JWKS endpoint whose document the test can replace (key rotation at the IdP).
-async fn serve_jwks(document: Arc<RwLock<String>>) -> String {
+/// A JWKS endpoint whose document the test can replace (key rotation at the IdP); an empty
+/// document answers 503 (the IdP is down). Returns the URL and the number of fetches served.
+async fn serve_jwks(document: Arc<RwLock<String>>) -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
     let router = axum::Router::new().route(
         "/jwks",
         get(move || {
             let document = document.clone();
-            async move { document.read().expect("lock").clone() }
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let body = document.read().expect("lock").clone();
+                let status = if body.is_empty() {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                };
+                (status, body)
+            }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -203,7 +217,7 @@ async fn serve_jwks(document: Arc<RwLock<String>>) -> String {
         .expect("bind");
     let url = format!("http://{}/jwks", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, router).await.ok() });
-    url
+    (url, hits)
 }
 
 #[tokio::test]
@@ -211,7 +225,7 @@ async fn jwks_keys_verify_and_an_unknown_kid_triggers_a_refetch() {
     let full: Value = serde_json::from_str(JWKS).expect("jwks");
     let only_rsa = json!({"keys": [full["keys"][1].clone()]});
     let document = Arc::new(RwLock::new(only_rsa.to_string()));
-    let url = serve_jwks(document.clone()).await;
+    let (url, _) = serve_jwks(document.clone()).await;
     let app = spawn_app_with(&[("OAUTH_JWT_SECRET", ""), ("OAUTH_JWT_JWKS_URL", &url)]).await;
     let now = app.clock.now();
     let rsa = sign_pem(
@@ -247,12 +261,109 @@ async fn jwks_keys_verify_and_an_unknown_kid_triggers_a_refetch() {
         Some("nope"),
     );
     assert_unauthorized(app.get(PROVIDERS, &unknown).await, "invalid_token").await;
-    // An RSA key announced as RS256 must not verify a token claiming another algorithm.
-    let hs = sign_hs256_with(
+    // An RSA key announced as RS256 must not verify a token claiming another algorithm, even
+    // when the token names that key (the kid is what gets it past the key lookup).
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("rsa-1".to_owned());
+    let hs = encode(
+        &header,
         &claims("alice", &["admin"], now),
-        b"rsa-1-rsa-1-rsa-1-rsa-1-rsa-1-rsa-1",
-    );
+        &EncodingKey::from_secret(RSA_PUBLIC.as_bytes()),
+    )
+    .expect("sign");
     assert_unauthorized(app.get(PROVIDERS, &hs).await, "invalid_token").await;
+}
+
+/// A JWKS app whose IdP serves `document` (empty: down), with the fetch counter.
+async fn jwks_app(document: &str) -> (TestApp, Arc<RwLock<String>>, Arc<AtomicUsize>) {
+    let document = Arc::new(RwLock::new(document.to_owned()));
+    let (url, hits) = serve_jwks(document.clone()).await;
+    let app = spawn_app_with(&[("OAUTH_JWT_SECRET", ""), ("OAUTH_JWT_JWKS_URL", &url)]).await;
+    (app, document, hits)
+}
+
+#[tokio::test]
+async fn a_known_kid_is_served_from_the_cache_without_refetching() {
+    let (app, _, hits) = jwks_app(JWKS).await;
+    let token = sign_pem(
+        &claims("alice", &["user"], app.clock.now()),
+        Algorithm::RS256,
+        RSA_PRIVATE,
+        Some("rsa-1"),
+    );
+    for _ in 0..3 {
+        assert_eq!(app.get(PROVIDERS, &token).await.status(), 200);
+        // Past the unknown-kid cooldown, within the cache's lifetime.
+        app.clock.advance(Duration::seconds(20));
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "one fetch for all requests");
+}
+
+#[tokio::test]
+async fn a_failing_jwks_endpoint_is_asked_once_per_cooldown() {
+    let (app, document, hits) = jwks_app("").await;
+    let token = sign_pem(
+        &claims("alice", &["user"], app.clock.now()),
+        Algorithm::RS256,
+        RSA_PRIVATE,
+        Some("rsa-1"),
+    );
+    for _ in 0..5 {
+        let (status, body) = problem(app.get(PROVIDERS, &token).await).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (503, Some("jwks_unavailable"))
+        );
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "failures start the cooldown too"
+    );
+    // The IdP recovers: the next attempt after the cooldown succeeds.
+    *document.write().expect("lock") = JWKS.to_owned();
+    app.clock.advance(Duration::seconds(11));
+    assert_eq!(app.get(PROVIDERS, &token).await.status(), 200);
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    // Down again once the cache is stale: the stale key keeps serving, one attempt per
+    // cooldown, and an unknown kid is refused without another fetch.
+    *document.write().expect("lock") = String::new();
+    app.clock.advance(Duration::minutes(11));
+    let token = sign_pem(
+        &claims("alice", &["user"], app.clock.now()),
+        Algorithm::RS256,
+        RSA_PRIVATE,
+        Some("rsa-1"),
+    );
+    for _ in 0..3 {
+        assert_eq!(app.get(PROVIDERS, &token).await.status(), 200);
+    }
+    let unknown = sign_pem(
+        &claims("alice", &["user"], app.clock.now()),
+        Algorithm::ES256,
+        EC_PRIVATE,
+        Some("nope"),
+    );
+    let (status, _) = problem(app.get(PROVIDERS, &unknown).await).await;
+    assert_eq!(status, 503);
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn an_oversized_jwks_document_is_refused() {
+    let padding = "x".repeat(300 * 1024);
+    let (app, _, _) = jwks_app(&format!(r#"{{"keys": [], "padding": "{padding}"}}"#)).await;
+    let token = sign_pem(
+        &claims("alice", &["user"], app.clock.now()),
+        Algorithm::RS256,
+        RSA_PRIVATE,
+        Some("rsa-1"),
+    );
+    let (status, body) = problem(app.get(PROVIDERS, &token).await).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("jwks_unavailable"))
+    );
 }
 
 #[tokio::test]

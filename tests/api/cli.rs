@@ -1,10 +1,18 @@
-//! The `oauth-manager` binary: configuration errors, migrate, dev, graceful shutdown.
+//! The `oauth-manager` binary: configuration errors, migrate, keys, dev, graceful shutdown.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::TestDatabase;
+use std::sync::Arc;
+
+use oauth_manager::crypto::{KeyMaterial, Keyring};
+use oauth_manager::services::vault::TokenVault;
+use oauth_manager::storage::Database;
+use secrecy::ExposeSecret;
+
+use crate::encryption::store;
+use crate::support::{spawn_app_on, TestDatabase};
 
 const BIN: &str = env!("CARGO_BIN_EXE_oauth-manager");
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -86,6 +94,51 @@ fn keys_generate_prints_a_usable_key() {
     assert!(
         oauth_manager::config::decode_key("k", &key).is_ok(),
         "{key}"
+    );
+}
+
+#[tokio::test]
+async fn keys_rotate_reseals_stored_tokens_under_the_new_key() {
+    let (old_key, new_key) = (KeyMaterial::generate(), KeyMaterial::generate());
+    let database = TestDatabase::create().await;
+    let url = database.url.clone();
+    let app = spawn_app_on(database, &old_key, &[]).await;
+    let (id, user) = store(&app, "alice", "alice").await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rotate = command(dir.path());
+    rotate
+        .args(["keys", "rotate"])
+        .env("DATABASE_URL", &url)
+        .env("OAUTH_ENCRYPTION_KEY", new_key.to_base64().as_str())
+        .env("OAUTH_ENCRYPTION_OLD_KEYS", old_key.to_base64().as_str());
+    let output = tokio::task::spawn_blocking(move || rotate.output())
+        .await
+        .expect("join")
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("JSON report");
+    assert_eq!(report["tokens_resealed"], 1, "{report}");
+
+    // The old key can go: the row opens with the new key alone.
+    let db = Database::connect(&url, Default::default())
+        .await
+        .expect("connect");
+    let sealed = db.get_tokens(id).await.expect("read").expect("row");
+    assert_eq!(sealed.key_id, new_key.key_id());
+    let only_new = TokenVault::new(Arc::new(Keyring::new(&new_key, &[]).expect("keyring")));
+    let tokens = only_new
+        .open(&user, &sealed)
+        .expect("opens under the new key");
+    assert_eq!(
+        tokens.access_token.expose_secret(),
+        "access-alice-plaintext"
     );
 }
 

@@ -61,7 +61,7 @@ async fn callback(app: &TestApp, location: &str) -> (u16, Value) {
 }
 
 /// A whole flow: consent at the fake as `consent`, then the callback; returns its JSON result.
-async fn connect(
+pub async fn connect(
     app: &TestApp,
     fake: &FakeProvider,
     provider: &str,
@@ -75,7 +75,7 @@ async fn connect(
     callback(app, &location).await
 }
 
-async fn integration(app: &TestApp, user: &str, result: &Value) -> Value {
+pub async fn integration(app: &TestApp, user: &str, result: &Value) -> Value {
     let id = result["integration_id"].as_str().expect("integration id");
     let response = app
         .get_as(&format!("/api/v1/oauth/integrations/{id}"), user, &["user"])
@@ -94,7 +94,7 @@ async fn assert_nothing_stored(app: &TestApp) {
     }
 }
 
-async fn stored_tokens(
+pub async fn stored_tokens(
     app: &TestApp,
     result: &Value,
     user: &str,

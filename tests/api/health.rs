@@ -1,5 +1,6 @@
 //! Health, readiness, request ids, fallbacks, the OpenAPI document.
 
+use reqwest::header::HeaderValue;
 use serde_json::Value;
 
 use crate::support::{problem, spawn_app};
@@ -82,6 +83,41 @@ async fn every_response_carries_a_request_id_and_keeps_a_given_one() {
 }
 
 #[tokio::test]
+async fn an_unusable_request_id_is_replaced_by_a_fresh_one() {
+    let app = spawn_app().await;
+    // A newline cannot even reach the service (HTTP forbids it in a header value); these can.
+    let unusable = [
+        HeaderValue::from_str(&"a".repeat(300)).expect("header"),
+        HeaderValue::from_static("forged\" level=\"error"),
+        HeaderValue::from_static("tab\there"),
+        HeaderValue::from_bytes("caf\u{e9}".as_bytes()).expect("header"),
+    ];
+    for given in unusable {
+        let response = app
+            .http
+            .get(app.url("/healthz"))
+            .header("x-request-id", given.clone())
+            .send()
+            .await
+            .expect("request");
+        let id = response.headers()["x-request-id"].to_str().expect("ascii");
+        assert!(
+            uuid::Uuid::parse_str(id).is_ok(),
+            "{given:?} was kept as {id:?}"
+        );
+    }
+    let longest = "a1._:-".repeat(21) + "ab";
+    let kept = app
+        .http
+        .get(app.url("/healthz"))
+        .header("x-request-id", &longest)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(kept.headers()["x-request-id"], longest.as_str());
+}
+
+#[tokio::test]
 async fn unknown_routes_and_methods_are_problems() {
     let app = spawn_app().await;
     let (status, body) = problem(
@@ -144,6 +180,10 @@ async fn the_openapi_document_describes_every_route() {
         "/api/v1/oauth/providers",
         "/api/v1/oauth/integrations",
         "/api/v1/oauth/integrations/{id}",
+        "/api/v1/oauth/integrations/{id}/token",
+        "/api/v1/oauth/integrations/{id}/refresh",
+        "/api/v1/oauth/providers/{provider}/authorize",
+        "/api/v1/oauth/callback/{provider}",
     ] {
         assert!(
             paths.contains_key(route),

@@ -7,10 +7,12 @@
 mod auth;
 mod cli;
 mod connect;
+mod crash;
 mod encryption;
 mod fake_provider_selftest;
 mod health;
 mod integrations;
+mod lifecycle;
 mod migrations;
 mod providers;
 mod storage;

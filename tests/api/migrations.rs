@@ -1,4 +1,4 @@
-//! Migrations: the six tables, exactly named, applied idempotently.
+//! Migrations: the six tables, exactly named, applied idempotently, with their indexes.
 
 use crate::support::TestDatabase;
 use oauth_manager::storage::Database;
@@ -40,6 +40,46 @@ async fn migrating_twice_is_a_no_op_and_creates_exactly_the_six_tables() {
     assert_eq!(table_names(&db).await, TABLES);
 }
 
+async fn index_names(db: &Database) -> Vec<String> {
+    match db {
+        Database::Postgres(pool) => {
+            sqlx::query_scalar(
+                "SELECT indexname::text FROM pg_indexes \
+                 WHERE schemaname = current_schema() AND tablename LIKE 'oauth%' ORDER BY 1",
+            )
+            .fetch_all(pool)
+            .await
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query_scalar(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name LIKE 'oauth%' \
+             ORDER BY 1",
+            )
+            .fetch_all(pool)
+            .await
+        }
+    }
+    .expect("list indexes")
+}
+
+#[tokio::test]
+async fn lookup_indexes_exist() {
+    let database = TestDatabase::create().await;
+    let db = database.connect().await;
+    db.migrate().await.expect("migrate");
+    let indexes = index_names(&db).await;
+    for index in [
+        "oauth_integrations_provider_account_idx",
+        "oauth_state_integration_idx",
+    ] {
+        assert!(
+            indexes.iter().any(|name| name == index),
+            "{index} missing on {}: {indexes:?}",
+            database.backend
+        );
+    }
+}
+
 #[tokio::test]
 async fn foreign_keys_are_enforced() {
     let database = TestDatabase::create().await;
@@ -65,8 +105,10 @@ async fn foreign_keys_are_enforced() {
             .await
             .map(|_| ()),
     };
+    let err = result.expect_err("a token row without its integration must be refused");
     assert!(
-        result.is_err(),
-        "a token row without its integration must be refused"
+        err.as_database_error()
+            .is_some_and(|e| e.is_foreign_key_violation()),
+        "not a foreign-key violation: {err}"
     );
 }

@@ -5,8 +5,12 @@ use serde_json::Value;
 use crate::support::{spawn_app, spawn_app_with};
 
 async fn providers(app: &crate::support::TestApp) -> Vec<Value> {
+    providers_as(app, &["admin"]).await
+}
+
+async fn providers_as(app: &crate::support::TestApp, roles: &[&str]) -> Vec<Value> {
     let body: Value = app
-        .get_as("/api/v1/oauth/providers", "alice", &["user"])
+        .get_as("/api/v1/oauth/providers", "alice", roles)
         .await
         .json()
         .await
@@ -73,4 +77,13 @@ async fn configured_follows_the_environment_and_never_shows_secrets() {
     );
     let text = Value::Array(items).to_string();
     assert!(!text.contains("GOCSPX-very-secret"));
+}
+
+#[tokio::test]
+async fn only_admins_see_which_variables_are_missing() {
+    let app = spawn_app().await;
+    for item in providers_as(&app, &["user"]).await {
+        assert!(item.get("missing_variables").is_none(), "{item}");
+        assert_eq!(item["configured"], false);
+    }
 }

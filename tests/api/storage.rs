@@ -77,6 +77,7 @@ async fn token_writes_bump_the_generation_and_cascade_with_the_integration() {
         generation: 0,
         created_at: now,
         updated_at: now,
+        refresh_failures: 0,
     };
     assert_eq!(app.db.upsert_tokens(&tokens).await.expect("insert"), 1);
     assert_eq!(app.db.upsert_tokens(&tokens).await.expect("update"), 2);

@@ -5,6 +5,7 @@ pub mod health;
 pub mod integrations;
 pub mod openapi;
 pub mod providers;
+pub mod tokens;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;

@@ -24,6 +24,9 @@ use crate::http::extract::Authenticated;
         super::connect::callback,
         super::integrations::list,
         super::integrations::get,
+        super::tokens::disconnect,
+        super::tokens::token,
+        super::tokens::refresh,
     ),
     components(schemas(crate::http::error::Problem)),
     modifiers(&BearerAuth),
@@ -32,6 +35,7 @@ use crate::http::extract::Authenticated;
         (name = "providers", description = "OAuth providers this service knows"),
         (name = "connect", description = "The authorization-code flow that connects an account"),
         (name = "integrations", description = "Users' connected provider accounts"),
+        (name = "tokens", description = "Access tokens for backends, kept fresh"),
         (name = "meta", description = "This document"),
     )
 )]

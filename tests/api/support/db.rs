@@ -62,6 +62,15 @@ impl TestDatabase {
         }
     }
 
+    /// The same database, for a second app (the first owns any temporary files).
+    pub fn alias(&self) -> TestDatabase {
+        TestDatabase {
+            url: self.url.clone(),
+            backend: self.backend,
+            _dir: None,
+        }
+    }
+
     pub async fn connect(&self) -> Database {
         Database::connect(&self.url, PoolSettings::default())
             .await

@@ -31,6 +31,9 @@ pub struct TestApp {
     pub db: Database,
     pub clock: ManualClock,
     pub database: TestDatabase,
+    pub key: KeyMaterial,
+    /// The variables this app was started with (a sibling replica reuses them).
+    pub vars: Vec<(String, String)>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -106,13 +109,30 @@ pub async fn spawn_app_on(
         db: state.services.db.clone(),
         state,
         clock,
-
         database,
+        key: key.clone(),
+        vars: overrides
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
         server,
     }
 }
 
 impl TestApp {
+    /// A second replica on the same database, with the same key and settings but its own
+    /// process-local state (locks, caches) and clock set to this app's time.
+    pub async fn sibling(&self) -> TestApp {
+        let vars: Vec<(&str, &str)> = self
+            .vars
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let sibling = spawn_app_on(self.database.alias(), &self.key, &vars).await;
+        sibling.clock.set(self.clock.now());
+        sibling
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.address, path)
     }
@@ -241,8 +261,9 @@ pub async fn spawn_with_fake() -> (TestApp, fake_provider::FakeProvider) {
 
 pub async fn spawn_with_fake_and(extra: &[(&str, &str)]) -> (TestApp, fake_provider::FakeProvider) {
     let fake = fake_provider::FakeProvider::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("providers.toml");
+    // Kept for the whole test run: sibling replicas read the same file.
+    let dir = tempfile::tempdir().expect("tempdir").keep();
+    let path = dir.join("providers.toml");
     std::fs::write(&path, fake.providers_toml()).expect("write providers file");
     let path = path.to_string_lossy().into_owned();
     let mut vars = vec![

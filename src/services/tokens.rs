@@ -1,0 +1,710 @@
+//! Fresh access tokens on demand: hand-out, single-flight refresh, failure classification.
+//!
+//! **Single flight.** Inside a process, one task per integration refreshes while the others wait
+//! on a per-integration mutex ([`Flights`]); across processes, the refresher holds a lease on
+//! the token row (`lease_owner`/`lease_until`, taken by an atomic UPDATE on both backends) and
+//! the others poll until the row changes. Whoever gets in re-reads the stored tokens first, so
+//! any number of concurrent callers cause one provider refresh. Providers that rotate refresh
+//! tokens revoke the whole grant when an old one is reused, so this is what keeps connections
+//! alive.
+//!
+//! **Rotation-safe persistence.** New tokens are committed (keeping the old refresh token when
+//! the provider sends none) before any caller sees them; the commit does not depend on still
+//! holding the lease, because a rotated refresh token is the only one that works.
+//!
+//! **Failures.** `invalid_grant` (and Microsoft's AADSTS codes): re-read once — a sibling may
+//! just have rotated the token — then `needs_reauth`. `invalid_client`: our configuration; logged
+//! loudly, users' integrations untouched. Anything transient (network, timeout, 5xx, 429,
+//! garbage): the integration stays active, a still-valid token is served, back-off before the
+//! next background attempt. A refresh that timed out is not retried in-request: for strict
+//! rotation (Notion, OIDC servers with reuse detection) the outcome is unknown, and the next
+//! attempt either works or meets `invalid_grant`, which is terminal — never a loop.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
+use std::time::{Duration as StdDuration, Instant};
+
+use chrono::{DateTime, Duration, Utc};
+use rand::Rng;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+use uuid::Uuid;
+
+use super::audit::{self, RequestContext};
+use super::vault::{TokenOwner, TokenSet};
+use super::{Context, ServiceError, ServiceResult};
+use crate::auth::rbac::{Actor, ReadIntegrations, ReadTokens, RequiredPermission};
+use crate::oauth::{request_token, FailureClass, TokenError, TokenGrant, TokenResponse};
+use crate::storage::audit::Outcome;
+use crate::storage::integrations::{Integration, IntegrationStatus};
+use crate::storage::tokens::SealedTokens;
+
+/// Timing of the lifecycle; configurable through the environment (see the README).
+#[derive(Debug, Clone, Copy)]
+pub struct LifecycleSettings {
+    /// Refresh this long before expiry (capped at a quarter of the token's lifetime).
+    pub refresh_skew: Duration,
+    /// How long a refresher may hold the lease before others may take over.
+    pub lease: Duration,
+    /// A forced refresh within this long of the last one returns the current token instead.
+    pub min_forced_interval: Duration,
+}
+
+impl Default for LifecycleSettings {
+    fn default() -> Self {
+        Self {
+            refresh_skew: Duration::minutes(5),
+            lease: Duration::seconds(30),
+            min_forced_interval: Duration::seconds(10),
+        }
+    }
+}
+
+/// Per-integration in-process locks; entries vanish when nobody holds them.
+#[derive(Debug, Default)]
+pub struct Flights {
+    locks: StdMutex<HashMap<Uuid, Weak<Mutex<()>>>>,
+}
+
+impl Flights {
+    pub async fn lock(&self, id: Uuid) -> OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+            if locks.len() > 1024 {
+                locks.retain(|_, weak| weak.strong_count() > 0);
+            }
+            match locks.get(&id).and_then(Weak::upgrade) {
+                Some(lock) => lock,
+                None => {
+                    let lock = Arc::new(Mutex::new(()));
+                    locks.insert(id, Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
+}
+
+/// Why a refresh is wanted.
+#[derive(Debug, Clone)]
+pub enum Trigger {
+    /// A caller wants a token: refresh if expired or about to be.
+    OnDemand,
+    /// The background refresher: refresh if expiring within `window`.
+    Background { window: Duration },
+    /// A caller saw the token rejected (HTTP 401 at the provider's API).
+    Rejected { access_token: Option<SecretString> },
+}
+
+/// A token handed out to a caller.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub access_token: SecretString,
+    pub token_type: String,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub integration: Integration,
+}
+
+/// Hands out a working access token, refreshing first when needed.
+pub async fn access_token(
+    ctx: &Context,
+    actor: &Actor<ReadTokens>,
+    id: Uuid,
+    client: &RequestContext,
+) -> ServiceResult<IssuedToken> {
+    let integration = visible_integration(ctx, actor, id).await?;
+    let result = usable_tokens(
+        ctx,
+        &integration,
+        Trigger::OnDemand,
+        actor.user_id(),
+        client,
+    )
+    .await;
+    let outcome = if result.is_ok() {
+        Outcome::Success
+    } else {
+        Outcome::Failure
+    };
+    let event = audit::event(
+        "token_handed_out",
+        outcome,
+        Some(actor.user_id()),
+        Some(&integration.user_id),
+        client,
+        ctx.clock.now(),
+    )
+    .provider(&integration.provider)
+    .integration(Some(id));
+    audit::record(&ctx.db, &event).await;
+    let tokens = result?;
+    Ok(IssuedToken {
+        access_token: tokens.access_token,
+        token_type: tokens.token_type,
+        expires_at: tokens.expires_at,
+        integration,
+    })
+}
+
+/// Refreshes now (`POST …/refresh`). With `rejected`, only if that is still the stored token:
+/// a sibling may already have replaced it. The new token is returned only to callers that may
+/// read tokens.
+pub async fn refresh_now(
+    ctx: &Context,
+    actor: &Actor<ReadIntegrations>,
+    id: Uuid,
+    rejected: Option<SecretString>,
+    client: &RequestContext,
+) -> ServiceResult<(Integration, TokenSet)> {
+    let integration = visible_integration(ctx, actor, id).await?;
+    let tokens = usable_tokens(
+        ctx,
+        &integration,
+        Trigger::Rejected {
+            access_token: rejected,
+        },
+        actor.user_id(),
+        client,
+    )
+    .await?;
+    let integration = ctx
+        .db
+        .get_integration(id)
+        .await?
+        .ok_or(ServiceError::NotFound)?;
+    Ok((integration, tokens))
+}
+
+async fn visible_integration<P: RequiredPermission>(
+    ctx: &Context,
+    actor: &Actor<P>,
+    id: Uuid,
+) -> ServiceResult<Integration> {
+    match ctx.db.get_integration(id).await? {
+        Some(integration) if actor.can_access(&integration.user_id) => Ok(integration),
+        _ => Err(ServiceError::NotFound),
+    }
+}
+
+async fn usable_tokens(
+    ctx: &Context,
+    integration: &Integration,
+    trigger: Trigger,
+    actor: &str,
+    client: &RequestContext,
+) -> ServiceResult<TokenSet> {
+    match integration.status {
+        IntegrationStatus::Revoked => return Err(ServiceError::IntegrationRevoked),
+        IntegrationStatus::NeedsReauth => return Err(reauth(integration)),
+        IntegrationStatus::Active | IntegrationStatus::Error => {}
+    }
+    ensure_fresh(ctx, integration, trigger, actor, client).await
+}
+
+fn reauth(integration: &Integration) -> ServiceError {
+    ServiceError::ReauthRequired {
+        provider: integration.provider.clone(),
+    }
+}
+
+/// Returns tokens that satisfy `trigger`, refreshing at most once across all callers.
+pub async fn ensure_fresh(
+    ctx: &Context,
+    integration: &Integration,
+    trigger: Trigger,
+    actor: &str,
+    client: &RequestContext,
+) -> ServiceResult<TokenSet> {
+    let _flight = ctx.flights.lock(integration.id).await;
+    let deadline = Instant::now() + to_std(ctx.lifecycle.lease + Duration::seconds(5));
+    loop {
+        let now = ctx.clock.now();
+        let sealed = ctx
+            .db
+            .get_tokens(integration.id)
+            .await?
+            .ok_or_else(|| reauth(integration))?;
+        let current = ctx.vault.open(&integration.user_id, &sealed)?;
+        if !needs_refresh(&trigger, &current, &sealed, now, &ctx.lifecycle) {
+            return Ok(current);
+        }
+        if current.refresh_token.is_none() {
+            return give_up(
+                ctx,
+                integration,
+                "the token expired and the provider issued no refresh token",
+                actor,
+                client,
+            )
+            .await;
+        }
+        let owner = &*ctx.instance_id;
+        if ctx
+            .db
+            .try_lease_tokens(integration.id, owner, now, now + ctx.lifecycle.lease)
+            .await?
+        {
+            // Another replica may have finished a refresh between our read and the lease.
+            match ctx.db.get_tokens(integration.id).await? {
+                Some(latest) if latest.generation == sealed.generation => {
+                    return refresh_leased(
+                        ctx,
+                        integration,
+                        &trigger,
+                        latest,
+                        current,
+                        actor,
+                        client,
+                    )
+                    .await;
+                }
+                _ => {
+                    ctx.db.release_token_lease(integration.id, owner).await?;
+                    continue;
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(ServiceError::ProviderUnavailable {
+                detail: "another replica is still refreshing this token".to_owned(),
+                retry_after_seconds: 1,
+            });
+        }
+        let pause = rand::thread_rng().gen_range(20..60);
+        tokio::time::sleep(StdDuration::from_millis(pause)).await;
+    }
+}
+
+fn needs_refresh(
+    trigger: &Trigger,
+    current: &TokenSet,
+    sealed: &SealedTokens,
+    now: DateTime<Utc>,
+    settings: &LifecycleSettings,
+) -> bool {
+    let expiring_within = |margin: Duration| {
+        current
+            .expires_at
+            .is_some_and(|expires| expires - margin <= now)
+    };
+    match trigger {
+        Trigger::OnDemand => expiring_within(skew(current, sealed, settings)),
+        Trigger::Background { window } => expiring_within(*window),
+        Trigger::Rejected { access_token } => {
+            let still_current = access_token.as_ref().is_none_or(|rejected| {
+                bool::from(
+                    rejected
+                        .expose_secret()
+                        .as_bytes()
+                        .ct_eq(current.access_token.expose_secret().as_bytes()),
+                )
+            });
+            // Refreshed moments ago and rejected again: refreshing once more cannot help.
+            still_current && sealed.updated_at + settings.min_forced_interval <= now
+        }
+    }
+}
+
+/// The refresh margin: the configured skew, but never more than a quarter of the token's
+/// lifetime, so short-lived tokens are not refreshed on every call.
+fn skew(current: &TokenSet, sealed: &SealedTokens, settings: &LifecycleSettings) -> Duration {
+    match current.expires_at {
+        Some(expires) => settings.refresh_skew.min((expires - sealed.updated_at) / 4),
+        None => Duration::zero(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn refresh_leased(
+    ctx: &Context,
+    integration: &Integration,
+    trigger: &Trigger,
+    sealed: SealedTokens,
+    current: TokenSet,
+    actor: &str,
+    client: &RequestContext,
+) -> ServiceResult<TokenSet> {
+    let owner = &*ctx.instance_id;
+    let Some(provider) = ctx.providers.get(&integration.provider) else {
+        ctx.db.release_token_lease(integration.id, owner).await?;
+        return Err(ServiceError::UnknownProvider(integration.provider.clone()));
+    };
+    let Some(credentials) = provider.credentials() else {
+        ctx.db.release_token_lease(integration.id, owner).await?;
+        return Err(ServiceError::ProviderNotConfigured {
+            provider: integration.provider.clone(),
+            missing: provider.missing_variables(),
+        });
+    };
+    let Some(refresh_token) = current.refresh_token.clone() else {
+        ctx.db.release_token_lease(integration.id, owner).await?;
+        return Err(reauth(integration));
+    };
+    let endpoint = provider.definition.token_endpoint();
+    let started = Instant::now();
+    let mut result = request_token(
+        &ctx.http,
+        &endpoint,
+        &credentials,
+        TokenGrant::RefreshToken {
+            refresh_token: &refresh_token,
+        },
+    )
+    .await;
+    if let Some(pause) = quick_retry_pause(&result, started.elapsed()) {
+        tokio::time::sleep(pause).await;
+        result = request_token(
+            &ctx.http,
+            &endpoint,
+            &credentials,
+            TokenGrant::RefreshToken {
+                refresh_token: &refresh_token,
+            },
+        )
+        .await;
+    }
+    match result {
+        Ok(response) => store_refreshed(ctx, integration, current, response, actor, client).await,
+        Err(err) => {
+            refresh_failed(
+                ctx,
+                integration,
+                trigger,
+                &sealed,
+                current,
+                err,
+                actor,
+                client,
+            )
+            .await
+        }
+    }
+}
+
+/// One quick in-request retry, only for fast transient failures (connection refused, 5xx,
+/// 429 with a short Retry-After): a slow failure (timeout) has an unknown outcome and the
+/// caller's deadline is near.
+fn quick_retry_pause(
+    result: &Result<TokenResponse, TokenError>,
+    elapsed: StdDuration,
+) -> Option<StdDuration> {
+    let err = result.as_ref().err()?;
+    if err.class() != FailureClass::Transient || elapsed > StdDuration::from_secs(2) {
+        return None;
+    }
+    let jitter = StdDuration::from_millis(rand::thread_rng().gen_range(50..250));
+    match err.retry_after() {
+        Some(wait) if wait <= StdDuration::from_secs(2) => Some(wait + jitter),
+        Some(_) => None,
+        None => Some(jitter),
+    }
+}
+
+async fn store_refreshed(
+    ctx: &Context,
+    integration: &Integration,
+    current: TokenSet,
+    response: TokenResponse,
+    actor: &str,
+    client: &RequestContext,
+) -> ServiceResult<TokenSet> {
+    let now = ctx.clock.now();
+    let rotated = response.refresh_token.is_some();
+    let fresh = TokenSet {
+        access_token: response.access_token,
+        // Google usually sends no refresh token on refresh: keep the old one, never null (F3).
+        refresh_token: response.refresh_token.or(current.refresh_token),
+        id_token: response.id_token.or(current.id_token),
+        token_type: "Bearer".to_owned(),
+        expires_at: response
+            .expires_in
+            .map(|seconds| now + Duration::seconds(seconds)),
+        refresh_token_expires_at: current.refresh_token_expires_at,
+    };
+    let owner = TokenOwner {
+        integration_id: integration.id,
+        user_id: &integration.user_id,
+    };
+    let sealed = ctx.vault.seal(owner, &fresh, now)?;
+    ctx.db.store_refreshed_tokens(&sealed).await?;
+    ctx.db
+        .mark_integration_refreshed(integration.id, now)
+        .await?;
+    let event = audit::event(
+        "token_refreshed",
+        Outcome::Success,
+        Some(actor),
+        Some(&integration.user_id),
+        client,
+        now,
+    )
+    .provider(&integration.provider)
+    .integration(Some(integration.id))
+    .details(json!({"refresh_token_rotated": rotated, "expires_at": fresh.expires_at}));
+    audit::record(&ctx.db, &event).await;
+    Ok(fresh)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn refresh_failed(
+    ctx: &Context,
+    integration: &Integration,
+    trigger: &Trigger,
+    sealed: &SealedTokens,
+    current: TokenSet,
+    err: TokenError,
+    actor: &str,
+    client: &RequestContext,
+) -> ServiceResult<TokenSet> {
+    let now = ctx.clock.now();
+    let owner = &*ctx.instance_id;
+    let class = err.class();
+    let event = audit::event(
+        "token_refresh_failed",
+        Outcome::Failure,
+        Some(actor),
+        Some(&integration.user_id),
+        client,
+        now,
+    )
+    .provider(&integration.provider)
+    .integration(Some(integration.id))
+    .reason(failure_reason(class))
+    .details(json!({"error": err.to_string()}));
+    audit::record(&ctx.db, &event).await;
+    match class {
+        FailureClass::InvalidGrant => {
+            // A sibling may have rotated the token with ours a moment ago: re-read once.
+            if let Some(latest) = ctx.db.get_tokens(integration.id).await? {
+                if latest.generation != sealed.generation {
+                    ctx.db.release_token_lease(integration.id, owner).await?;
+                    return Ok(ctx.vault.open(&integration.user_id, &latest)?);
+                }
+            }
+            ctx.db.release_token_lease(integration.id, owner).await?;
+            give_up(
+                ctx,
+                integration,
+                &format!("the provider refused the refresh token: {err}"),
+                actor,
+                client,
+            )
+            .await
+        }
+        FailureClass::InvalidClient => {
+            tracing::error!(provider = %integration.provider, error = %err,
+                "the provider rejected this service's client credentials: fix the configuration; users' integrations are left untouched");
+            ctx.db.release_token_lease(integration.id, owner).await?;
+            ctx.db
+                .record_integration_error(integration.id, "provider_misconfigured", now)
+                .await?;
+            Err(ServiceError::ProviderMisconfigured {
+                provider: integration.provider.clone(),
+            })
+        }
+        FailureClass::Transient | FailureClass::Other => {
+            let failures = u32::try_from(sealed.refresh_failures).unwrap_or(0);
+            ctx.db
+                .record_refresh_failure(
+                    integration.id,
+                    owner,
+                    now + backoff(failures, err.retry_after()),
+                )
+                .await?;
+            ctx.db
+                .record_integration_error(integration.id, &format!("refresh failed: {err}"), now)
+                .await?;
+            let still_valid = current.expires_at.is_none_or(|expires| expires > now);
+            if still_valid && !matches!(trigger, Trigger::Rejected { .. }) {
+                tracing::warn!(integration = %integration.id, error = %err, "refresh failed; serving the still-valid token");
+                return Ok(current);
+            }
+            Err(ServiceError::ProviderUnavailable {
+                detail: format!("the provider could not refresh the token: {err}"),
+                retry_after_seconds: err
+                    .retry_after()
+                    .map_or(5, |wait| wait.as_secs().clamp(1, 300)),
+            })
+        }
+    }
+}
+
+fn failure_reason(class: FailureClass) -> &'static str {
+    match class {
+        FailureClass::InvalidGrant => "invalid_grant",
+        FailureClass::InvalidClient => "invalid_client",
+        FailureClass::Transient => "transient",
+        FailureClass::Other => "provider_error",
+    }
+}
+
+/// The connection cannot be refreshed any more: `needs_reauth`, audited, 409 to the caller.
+async fn give_up(
+    ctx: &Context,
+    integration: &Integration,
+    why: &str,
+    actor: &str,
+    client: &RequestContext,
+) -> ServiceResult<TokenSet> {
+    let now = ctx.clock.now();
+    ctx.db
+        .set_integration_status(
+            integration.id,
+            IntegrationStatus::NeedsReauth,
+            Some(why),
+            now,
+        )
+        .await?;
+    let event = audit::event(
+        "reauth_required",
+        Outcome::Failure,
+        Some(actor),
+        Some(&integration.user_id),
+        client,
+        now,
+    )
+    .provider(&integration.provider)
+    .integration(Some(integration.id))
+    .reason("invalid_grant");
+    audit::record(&ctx.db, &event).await;
+    Err(reauth(integration))
+}
+
+/// Exponential back-off with ±20 % jitter, from 30 s to 30 min; a longer Retry-After wins.
+pub fn backoff(failures: u32, retry_after: Option<StdDuration>) -> Duration {
+    let base = 30f64 * 2f64.powi(i32::try_from(failures.min(6)).unwrap_or(6));
+    let jittered = (base * rand::thread_rng().gen_range(0.8..1.2)).min(1800.0);
+    #[allow(clippy::cast_possible_truncation)]
+    let seconds = jittered as i64;
+    let hinted = retry_after.map_or(0, |wait| i64::try_from(wait.as_secs()).unwrap_or(i64::MAX));
+    Duration::seconds(seconds.max(hinted.min(86_400)))
+}
+
+fn to_std(duration: Duration) -> StdDuration {
+    duration.to_std().unwrap_or(StdDuration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(expires_in: Option<i64>, issued: DateTime<Utc>) -> (TokenSet, SealedTokens) {
+        let tokens = TokenSet {
+            access_token: SecretString::from("at".to_owned()),
+            refresh_token: Some(SecretString::from("rt".to_owned())),
+            id_token: None,
+            token_type: "Bearer".into(),
+            expires_at: expires_in.map(|s| issued + Duration::seconds(s)),
+            refresh_token_expires_at: None,
+        };
+        let sealed = SealedTokens {
+            integration_id: Uuid::nil(),
+            key_id: "k".into(),
+            access_token: vec![],
+            refresh_token: None,
+            id_token: None,
+            token_type: "Bearer".into(),
+            expires_at: tokens.expires_at,
+            refresh_token_expires_at: None,
+            generation: 1,
+            created_at: issued,
+            updated_at: issued,
+            refresh_failures: 0,
+        };
+        (tokens, sealed)
+    }
+
+    #[test]
+    fn the_skew_scales_with_short_lifetimes_and_unknown_expiry_never_refreshes() {
+        let issued = Utc::now();
+        let settings = LifecycleSettings::default();
+        let (hour, sealed) = set(Some(3600), issued);
+        assert!(!needs_refresh(
+            &Trigger::OnDemand,
+            &hour,
+            &sealed,
+            issued + Duration::minutes(54),
+            &settings
+        ));
+        assert!(needs_refresh(
+            &Trigger::OnDemand,
+            &hour,
+            &sealed,
+            issued + Duration::minutes(56),
+            &settings
+        ));
+        // A 60 s token is not "always expiring" under a 5 min skew: margin 15 s.
+        let (minute, sealed) = set(Some(60), issued);
+        assert!(!needs_refresh(
+            &Trigger::OnDemand,
+            &minute,
+            &sealed,
+            issued + Duration::seconds(40),
+            &settings
+        ));
+        assert!(needs_refresh(
+            &Trigger::OnDemand,
+            &minute,
+            &sealed,
+            issued + Duration::seconds(46),
+            &settings
+        ));
+        let (unknown, sealed) = set(None, issued);
+        assert!(!needs_refresh(
+            &Trigger::OnDemand,
+            &unknown,
+            &sealed,
+            issued + Duration::days(365),
+            &settings
+        ));
+    }
+
+    #[test]
+    fn a_rejection_refreshes_once_and_only_the_current_token() {
+        let issued = Utc::now();
+        let settings = LifecycleSettings::default();
+        let (tokens, sealed) = set(None, issued);
+        let later = issued + Duration::minutes(1);
+        let rejected = |value: &str| Trigger::Rejected {
+            access_token: Some(SecretString::from(value.to_owned())),
+        };
+        assert!(needs_refresh(
+            &rejected("at"),
+            &tokens,
+            &sealed,
+            later,
+            &settings
+        ));
+        assert!(!needs_refresh(
+            &rejected("an-older-token"),
+            &tokens,
+            &sealed,
+            later,
+            &settings
+        ));
+        assert!(
+            !needs_refresh(
+                &rejected("at"),
+                &tokens,
+                &sealed,
+                issued + Duration::seconds(3),
+                &settings
+            ),
+            "just refreshed"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_honours_retry_after() {
+        assert!(backoff(0, None) <= Duration::seconds(36));
+        assert!(backoff(10, None) <= Duration::minutes(30));
+        assert!(backoff(3, None) >= Duration::seconds(190));
+        assert_eq!(
+            backoff(0, Some(StdDuration::from_secs(3600))),
+            Duration::seconds(3600)
+        );
+    }
+}

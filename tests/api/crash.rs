@@ -1,0 +1,158 @@
+//! Crash safety: a real `oauth-manager serve` process killed with SIGKILL in the middle of a
+//! refresh leaves a connection that a restarted process refreshes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::connect::connect;
+use crate::support::fake_provider::{Consent, Endpoint, Fault};
+use crate::support::{spawn_with_fake, TestApp, JWT_SECRET};
+
+const BIN: &str = env!("CARGO_BIN_EXE_oauth-manager");
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `serve` on the test app's database, key and providers, and waits for its address.
+fn start_server(app: &TestApp) -> Server {
+    let mut command = Command::new(BIN);
+    command
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (name, value) in &app.vars {
+        command.env(name, value);
+    }
+    command
+        .env("DATABASE_URL", &app.database.url)
+        .env("OAUTH_ENCRYPTION_KEY", app.key.to_base64().as_str())
+        .env("OAUTH_JWT_SECRET", JWT_SECRET)
+        .env("OAUTH_PUBLIC_URL", "https://oauth.example.test")
+        .env("OAUTH_LISTEN_ADDR", "127.0.0.1:0")
+        .env("OAUTH_BACKGROUND_REFRESH", "false")
+        .env("OAUTH_REFRESH_LEASE_SECONDS", "5")
+        .env("OAUTH_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("spawn serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (sender, receiver) = std::sync::mpsc::channel();
+    // Keep draining the log for the child's whole life.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let address = serde_json::from_str::<Value>(&line)
+                .ok()
+                .and_then(|event| event["address"].as_str().map(str::to_owned));
+            if let Some(address) = address {
+                let _ = sender.send(address);
+            }
+        }
+    });
+    let address = receiver
+        .recv_timeout(Duration::from_secs(30))
+        .expect("serve logs its address");
+    Server {
+        child,
+        base: format!("http://{address}"),
+    }
+}
+
+async fn get_token(app: &TestApp, server: &Server, id: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!(
+            "{}/api/v1/oauth/integrations/{id}/token",
+            server.base
+        ))
+        .bearer_auth(app.token("backend", &["service"]))
+        .send()
+        .await
+        .expect("request")
+}
+
+#[tokio::test]
+async fn kill_9_mid_refresh_then_restart_leaves_a_working_connection() {
+    let (app, fake) = spawn_with_fake().await;
+    // Tokens that expire in real time, for the real process's clock.
+    fake.set_access_token_lifetime("google", 2);
+    let (_, result) = connect(
+        &app,
+        &fake,
+        "google",
+        "alice",
+        Consent::user("g-1"),
+        json!({}),
+    )
+    .await;
+    let id = result["integration_id"].as_str().expect("id").to_owned();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let server = start_server(&app);
+    fake.push_fault(
+        "google",
+        Endpoint::Token,
+        Fault::Latency(Duration::from_secs(3)),
+    );
+    let pending = {
+        let (app_token, url) = (
+            app.token("backend", &["service"]),
+            format!("{}/api/v1/oauth/integrations/{id}/token", server.base),
+        );
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(app_token)
+                .send()
+                .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.count_grant("google", "refresh_token") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the refresh never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(server); // SIGKILL while the provider is still answering
+    assert!(
+        pending.await.expect("task").is_err(),
+        "the caller saw the process die"
+    );
+
+    let restarted = start_server(&app);
+    let response = get_token(&app, &restarted, &id).await;
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    let body: Value = get_token(&app, &restarted, &id)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let token = body["access_token"].as_str().expect("token");
+    assert!(
+        fake.is_token_active(token),
+        "the handed-out token works at the provider"
+    );
+    let view: Value = app
+        .get_as(
+            &format!("/api/v1/oauth/integrations/{id}"),
+            "alice",
+            &["user"],
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(view["status"], "active");
+}

@@ -1,0 +1,542 @@
+//! The token lifecycle: hand-out, single-flight refresh (in one process and across replicas),
+//! rotation safety, failure classes, caller-reported rejection, unknown expiry, the background
+//! worker, and disconnect with durable provider revocation.
+
+use std::time::Duration as StdDuration;
+
+use chrono::Duration;
+use oauth_manager::clock::Clock;
+use secrecy::ExposeSecret;
+use serde_json::{json, Value};
+
+use crate::connect::{connect, stored_tokens};
+use crate::support::fake_provider::{Consent, Endpoint, FakeProvider, Fault};
+use crate::support::{count_rows, problem, spawn_with_fake, TestApp};
+use oauth_manager::services::worker::{self, WorkerSettings};
+
+async fn connected(app: &TestApp, fake: &FakeProvider, provider: &str, subject: &str) -> String {
+    let (status, result) = connect(
+        app,
+        fake,
+        provider,
+        "alice",
+        Consent::user(subject),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{result}");
+    result["integration_id"].as_str().expect("id").to_owned()
+}
+
+async fn get_token(app: &TestApp, id: &str) -> reqwest::Response {
+    app.get_as(
+        &format!("/api/v1/oauth/integrations/{id}/token"),
+        "backend",
+        &["service"],
+    )
+    .await
+}
+
+async fn token_value(app: &TestApp, id: &str) -> String {
+    let response = get_token(app, id).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    body["access_token"].as_str().expect("token").to_owned()
+}
+
+async fn status_of(app: &TestApp, id: &str) -> String {
+    let body: Value = app
+        .get_as(
+            &format!("/api/v1/oauth/integrations/{id}"),
+            "alice",
+            &["user"],
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    body["status"].as_str().expect("status").to_owned()
+}
+
+#[tokio::test]
+async fn a_valid_token_is_handed_out_without_refreshing_and_an_expiring_one_is_refreshed_first() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    let response = get_token(&app, &id).await;
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["provider"], "google");
+    assert_eq!(body["provider_account_id"], "g-1");
+    assert!(body["expires_at"].as_str().is_some());
+    let first = body["access_token"].as_str().expect("token").to_owned();
+    assert_eq!(fake.count_grant("google", "refresh_token"), 0);
+    // 1 h token, 5 min skew: at +56 min it is refreshed first.
+    app.clock.advance(Duration::minutes(56));
+    let second = token_value(&app, &id).await;
+    assert_ne!(second, first);
+    assert!(fake.is_token_active(&second));
+    assert_eq!(fake.count_grant("google", "refresh_token"), 1);
+    // The refresh response had no refresh token (Google): the old one is kept, and works.
+    let tokens = stored_tokens(&app, &json!({"integration_id": id}), "alice").await;
+    assert!(fake.is_token_active(tokens.refresh_token.expect("kept").expose_secret()));
+    assert_eq!(
+        token_value(&app, &id).await,
+        second,
+        "fresh now: no second refresh"
+    );
+    assert_eq!(fake.count_grant("google", "refresh_token"), 1);
+}
+
+#[tokio::test]
+async fn tokens_need_the_tokens_read_permission_and_are_never_someone_elses() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    let path = format!("/api/v1/oauth/integrations/{id}/token");
+    let (status, body) = problem(app.get_as(&path, "alice", &["user"]).await).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
+    let app_own = app.get_as(&path, "alice", &[]).await;
+    assert_eq!(app_own.status(), 403);
+    assert_eq!(
+        app.get_as(&path, "backend", &["service"]).await.status(),
+        200
+    );
+    let (status, _) = problem(app.get(&path, &app.token("mallory", &["tokens-own"])).await).await;
+    assert_eq!(status, 403, "unknown role grants nothing");
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_callers_cause_exactly_one_refresh() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    app.clock.advance(Duration::minutes(59));
+    fake.push_fault(
+        "google",
+        Endpoint::Token,
+        Fault::Latency(StdDuration::from_millis(300)),
+    );
+    let handles: Vec<_> = (0..100).map(|_| spawn_token_call(&app, &id)).collect();
+    let mut tokens = Vec::new();
+    for handle in handles {
+        tokens.push(handle.await.expect("task"));
+    }
+    assert_eq!(fake.count_grant("google", "refresh_token"), 1);
+    assert!(
+        tokens.iter().all(|token| token == &tokens[0]),
+        "everyone got the new token"
+    );
+    assert!(fake.is_token_active(&tokens[0]));
+}
+
+/// A concurrent `GET …/token` as the backend; resolves to the access token (asserting 200).
+fn spawn_token_call(app: &TestApp, id: &str) -> tokio::task::JoinHandle<String> {
+    let url = app.url(&format!("/api/v1/oauth/integrations/{id}/token"));
+    let token = app.token("backend", &["service"]);
+    let http = app.http.clone();
+    tokio::spawn(async move {
+        let response = http
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.expect("json");
+        body["access_token"].as_str().expect("token").to_owned()
+    })
+}
+
+#[tokio::test]
+async fn two_replicas_on_one_database_refresh_once() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "acme", "a-1").await;
+    let other = app.sibling().await;
+    for round in 1..=3 {
+        app.clock.advance(Duration::minutes(59));
+        other.clock.set(app.clock.now());
+        fake.push_fault(
+            "acme",
+            Endpoint::Token,
+            Fault::Latency(StdDuration::from_millis(250)),
+        );
+        let handles: Vec<_> = (0..60)
+            .map(|n| spawn_token_call(if n % 2 == 0 { &app } else { &other }, &id))
+            .collect();
+        let mut seen = Vec::new();
+        for handle in handles {
+            seen.push(handle.await.expect("task"));
+        }
+        assert!(
+            seen.iter().all(|token| token == &seen[0]),
+            "round {round}: both replicas hand out the same token"
+        );
+        // acme rotates refresh tokens strictly and revokes the grant on reuse: one refresh per
+        // round, and the grant is still alive, so no old refresh token was ever replayed.
+        assert_eq!(fake.count_grant("acme", "refresh_token"), round);
+        let tokens = stored_tokens(&app, &json!({"integration_id": id}), "alice").await;
+        assert!(
+            fake.is_token_active(tokens.refresh_token.expect("rt").expose_secret()),
+            "round {round}"
+        );
+    }
+    assert_eq!(status_of(&app, &id).await, "active");
+}
+
+#[tokio::test]
+async fn invalid_grant_means_reauth_required_and_stops_calling_the_provider() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    fake.revoke_all_grants("google", "g-1");
+    app.clock.advance(Duration::minutes(59));
+    let (status, body) = problem(get_token(&app, &id).await).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("reauth_required"))
+    );
+    assert!(body["detail"]
+        .as_str()
+        .expect("detail")
+        .contains("connect flow"));
+    assert_eq!(status_of(&app, &id).await, "needs_reauth");
+    let calls = fake.count_grant("google", "refresh_token");
+    let (status, _) = problem(get_token(&app, &id).await).await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        fake.count_grant("google", "refresh_token"),
+        calls,
+        "no provider call once needs_reauth"
+    );
+    let events = app
+        .db
+        .list_audit_events(
+            Some("alice"),
+            oauth_manager::storage::Page {
+                after: None,
+                limit: 50,
+            },
+        )
+        .await
+        .expect("audit");
+    assert!(events.items.iter().any(|e| e.action == "reauth_required"));
+}
+
+#[tokio::test]
+async fn an_error_inside_http_200_is_an_error() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    app.clock.advance(Duration::minutes(59));
+    fake.push_fault("google", Endpoint::Token, Fault::ErrorIn200);
+    let (status, body) = problem(get_token(&app, &id).await).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("reauth_required"))
+    );
+}
+
+#[tokio::test]
+async fn transient_failures_keep_the_integration_and_serve_a_still_valid_token() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    let original = token_value(&app, &id).await;
+    // Inside the skew window but not expired: the old token is still good.
+    app.clock.advance(Duration::minutes(56));
+    for _ in 0..2 {
+        fake.push_fault("google", Endpoint::Token, Fault::Status(503, "down".into()));
+    }
+    assert_eq!(token_value(&app, &id).await, original);
+    let view: Value = app
+        .get_as(
+            &format!("/api/v1/oauth/integrations/{id}"),
+            "alice",
+            &["user"],
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(view["status"], "active");
+    assert!(view["last_error"]
+        .as_str()
+        .expect("error")
+        .contains("refresh failed"));
+
+    // Expired and the provider answers garbage: 503 with Retry-After, still active.
+    app.clock.advance(Duration::minutes(10));
+    // A garbage body is not retried in-request (only fast 5xx/network failures are).
+    fake.push_fault("google", Endpoint::Token, Fault::Malformed);
+    let response = get_token(&app, &id).await;
+    assert!(response.headers().contains_key("retry-after"));
+    let (status, body) = problem(response).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("provider_unavailable"))
+    );
+    assert_eq!(status_of(&app, &id).await, "active");
+    // The provider recovers: the next call refreshes.
+    let fresh = token_value(&app, &id).await;
+    assert_ne!(fresh, original);
+}
+
+#[tokio::test]
+async fn invalid_client_is_our_misconfiguration_not_the_users() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    app.clock.advance(Duration::minutes(61));
+    fake.push_fault(
+        "google",
+        Endpoint::Token,
+        Fault::Status(
+            401,
+            r#"{"error":"invalid_client","error_description":"Unauthorized"}"#.into(),
+        ),
+    );
+    let (status, body) = problem(get_token(&app, &id).await).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (502, Some("provider_misconfigured"))
+    );
+    assert_eq!(
+        status_of(&app, &id).await,
+        "active",
+        "users' integrations are never marked broken for it"
+    );
+}
+
+#[tokio::test]
+async fn a_reported_rejection_refreshes_once_however_many_callers_report_it() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    let rejected = token_value(&app, &id).await;
+    app.clock.advance(Duration::seconds(30));
+    let refresh = |body: Value| {
+        let url = app.url(&format!("/api/v1/oauth/integrations/{id}/refresh"));
+        let token = app.token("backend", &["service"]);
+        let http = app.http.clone();
+        async move {
+            http.post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .expect("refresh")
+        }
+    };
+    let body = json!({"rejected_access_token": rejected});
+    let (a, b, c) = tokio::join!(
+        refresh(body.clone()),
+        refresh(body.clone()),
+        refresh(body.clone())
+    );
+    let mut fresh = Vec::new();
+    for response in [a, b, c] {
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.expect("json");
+        fresh.push(
+            body["token"]["access_token"]
+                .as_str()
+                .expect("token for a tokens:read caller")
+                .to_owned(),
+        );
+    }
+    assert_eq!(fake.count_grant("google", "refresh_token"), 1);
+    assert!(fresh
+        .iter()
+        .all(|token| token == &fresh[0] && token != &rejected));
+    // The owner may refresh too, but does not see the token without tokens:read.
+    app.clock.advance(Duration::seconds(30));
+    let response = app
+        .http
+        .post(app.url(&format!("/api/v1/oauth/integrations/{id}/refresh")))
+        .bearer_auth(app.token("alice", &["user"]))
+        .send()
+        .await
+        .expect("refresh");
+    let body: Value = response.json().await.expect("json");
+    assert!(body["token"].is_null());
+    assert_eq!(body["integration"]["id"], id.as_str());
+}
+
+#[tokio::test]
+async fn unknown_expiry_is_never_refreshed_until_a_rejection_and_notion_rotation_is_kept() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "notion", "n-1").await;
+    let response: Value = get_token(&app, &id).await.json().await.expect("json");
+    assert!(response["expires_at"].is_null(), "Notion gives no expiry");
+    let first = response["access_token"].as_str().expect("token").to_owned();
+    app.clock.advance(Duration::days(400));
+    assert_eq!(token_value(&app, &id).await, first);
+    assert_eq!(
+        fake.count_grant("notion", "refresh_token"),
+        0,
+        "never refreshed on a guess"
+    );
+    let before = stored_tokens(&app, &json!({"integration_id": id}), "alice")
+        .await
+        .refresh_token
+        .expect("rt");
+    let response = app
+        .http
+        .post(app.url(&format!("/api/v1/oauth/integrations/{id}/refresh")))
+        .bearer_auth(app.token("backend", &["service"]))
+        .json(&json!({"rejected_access_token": first}))
+        .send()
+        .await
+        .expect("refresh");
+    assert_eq!(response.status(), 200);
+    let after = stored_tokens(&app, &json!({"integration_id": id}), "alice")
+        .await
+        .refresh_token
+        .expect("rt");
+    assert_ne!(
+        after.expose_secret(),
+        before.expose_secret(),
+        "the rotated refresh token is stored"
+    );
+    assert!(fake.is_token_active(after.expose_secret()));
+    assert_eq!(fake.count_grant("notion", "refresh_token"), 1);
+}
+
+#[tokio::test]
+async fn the_background_worker_refreshes_each_due_integration_once_across_two_workers() {
+    let (app, fake) = spawn_with_fake().await;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(connected(&app, &fake, "google", &format!("g-{n}")).await);
+    }
+    let other = app.sibling().await;
+    app.clock.advance(Duration::minutes(52));
+    other.clock.set(app.clock.now());
+    fake.push_fault(
+        "google",
+        Endpoint::Token,
+        Fault::Latency(StdDuration::from_millis(100)),
+    );
+    let settings = WorkerSettings {
+        concurrency_per_provider: 2,
+        ..WorkerSettings::default()
+    };
+    let (a, b) = tokio::join!(
+        worker::tick(&app.state.services, &settings),
+        worker::tick(&other.state.services, &settings)
+    );
+    assert_eq!(a.refreshed + b.refreshed, 6, "{a:?} {b:?}");
+    assert_eq!(
+        fake.count_grant("google", "refresh_token"),
+        6,
+        "each integration exactly once"
+    );
+    // Nothing is due any more; the on-demand path finds fresh tokens.
+    let again = worker::tick(&app.state.services, &settings).await;
+    assert_eq!(again.refreshed, 0);
+    for id in &ids {
+        token_value(&app, id).await;
+    }
+    assert_eq!(fake.count_grant("google", "refresh_token"), 6);
+}
+
+async fn disconnect(app: &TestApp, id: &str) -> Value {
+    let response = app
+        .http
+        .delete(app.url(&format!("/api/v1/oauth/integrations/{id}")))
+        .bearer_auth(app.token("alice", &["user"]))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("json")
+}
+
+#[tokio::test]
+async fn disconnect_revokes_at_the_provider_and_forgets_the_tokens() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    let refresh = stored_tokens(&app, &json!({"integration_id": id}), "alice")
+        .await
+        .refresh_token
+        .expect("rt");
+    let body = disconnect(&app, &id).await;
+    assert_eq!(body["provider_revocation"], "revoked");
+    assert_eq!(body["status"], "revoked");
+    let revoke = &fake.requests_to("google", Endpoint::Revoke)[0];
+    assert_eq!(
+        revoke.form["token"],
+        refresh.expose_secret(),
+        "the refresh token is revoked (RFC 7009)"
+    );
+    assert!(!fake.is_token_active(refresh.expose_secret()));
+    assert_eq!(count_rows(&app.db, "oauth_tokens").await, 0);
+    assert_eq!(status_of(&app, &id).await, "revoked");
+    let (status, body) = problem(get_token(&app, &id).await).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("integration_revoked"))
+    );
+    // Idempotent.
+    assert_eq!(
+        disconnect(&app, &id).await["provider_revocation"],
+        "nothing_to_revoke"
+    );
+    // Someone else's integration: 404.
+    let other = app
+        .http
+        .delete(app.url(&format!("/api/v1/oauth/integrations/{id}")))
+        .bearer_auth(app.token("bob", &["user"]))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(other.status(), 404);
+}
+
+#[tokio::test]
+async fn microsoft_has_no_revocation_and_says_so() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "microsoft", "oid-1").await;
+    let body = disconnect(&app, &id).await;
+    assert_eq!(body["provider_revocation"], "not_supported");
+    assert!(body["note"]
+        .as_str()
+        .expect("note")
+        .contains("no token revocation"));
+    assert_eq!(count_rows(&app.db, "oauth_tokens").await, 0);
+}
+
+#[tokio::test]
+async fn a_revocation_the_provider_cannot_take_now_survives_a_restart_and_is_retried() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "notion", "n-1").await;
+    fake.push_fault("notion", Endpoint::Revoke, Fault::RetryAfter503(60));
+    let body = disconnect(&app, &id).await;
+    assert_eq!(body["provider_revocation"], "pending");
+    assert!(body["retry_at"].as_str().is_some());
+    assert_eq!(
+        status_of(&app, &id).await,
+        "revoked",
+        "the local disconnect happened at once"
+    );
+    assert_eq!(
+        count_rows(&app.db, "oauth_tokens").await,
+        1,
+        "kept only to revoke it later"
+    );
+    let (status, _) = problem(get_token(&app, &id).await).await;
+    assert_eq!(status, 409, "a queued token is never handed out");
+    // A new process (restart) picks the queue up from the database once Retry-After passed.
+    let restarted = app.sibling().await;
+    let settings = WorkerSettings::default();
+    assert_eq!(
+        worker::tick(&restarted.state.services, &settings)
+            .await
+            .revocations_attempted,
+        0,
+        "not before Retry-After"
+    );
+    restarted.clock.advance(Duration::seconds(61));
+    assert_eq!(
+        worker::tick(&restarted.state.services, &settings)
+            .await
+            .revocations_attempted,
+        1
+    );
+    assert_eq!(fake.count("notion", Endpoint::Revoke), 2);
+    assert_eq!(count_rows(&app.db, "oauth_tokens").await, 0);
+}
