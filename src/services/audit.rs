@@ -6,7 +6,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::storage::audit::{NewAuditEvent, Outcome};
-use crate::storage::Database;
+use super::Context;
 
 /// Where a request came from, as far as the HTTP layer could tell.
 #[derive(Debug, Clone, Default)]
@@ -63,8 +63,9 @@ impl NewAuditEvent {
     }
 }
 
-pub async fn record(db: &Database, event: &NewAuditEvent) {
-    if let Err(err) = db.append_audit_event(event).await {
+/// Appends `event` to the audit log. The one way services write audit events.
+pub async fn record(ctx: &Context, event: &NewAuditEvent) {
+    if let Err(err) = ctx.db.append_audit_event(event).await {
         tracing::error!(error = %err, action = %event.action, "audit event could not be written");
     }
 }

@@ -94,7 +94,7 @@ pub async fn disconnect(
     .provider(&integration.provider)
     .integration(Some(id))
     .details(json!({"provider_revocation": outcome.as_str(), "already_disconnected": already}));
-    audit::record(&ctx.db, &event).await;
+    audit::record(ctx, &event).await;
     Ok(outcome)
 }
 

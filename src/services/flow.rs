@@ -145,7 +145,7 @@ pub async fn start(
     .provider(provider_name)
     .integration(pending.integration_id)
     .details(json!({"scopes": scopes}));
-    audit::record(&ctx.db, &event).await;
+    audit::record(ctx, &event).await;
     Ok(AuthorizationStart {
         authorization_url,
         state,
@@ -421,7 +421,7 @@ pub async fn complete(
         .provider(provider_name)
         .integration(pending.integration_id)
         .reason(err.code);
-        audit::record(&ctx.db, &event).await;
+        audit::record(ctx, &event).await;
     }
     outcome(return_to, result)
 }
@@ -870,7 +870,7 @@ async fn save(
         granted_at: now,
         withdrawn_at: None,
     };
-    let mut event = audit::event(
+    let event = audit::event(
         "callback",
         Outcome::Success,
         Some(&pending.user_id),
@@ -905,9 +905,10 @@ async fn save(
     };
     let saved: SavedConnection = ctx
         .db
-        .save_connection(&connection, seal, &mut consent, &mut event)
+        .save_connection(&connection, seal, &mut consent)
         .await
         .map_err(|err| CallbackError::internal(&err))?;
+    audit::record(ctx, &event.integration(Some(saved.integration.id))).await;
     Ok(saved.integration)
 }
 

@@ -139,7 +139,7 @@ pub async fn access_token(
     )
     .provider(&integration.provider)
     .integration(Some(id));
-    audit::record(&ctx.db, &event).await;
+    audit::record(ctx, &event).await;
     let tokens = result?;
     Ok(IssuedToken {
         access_token: tokens.access_token,
@@ -444,7 +444,7 @@ async fn store_refreshed(
     .provider(&integration.provider)
     .integration(Some(integration.id))
     .details(json!({"refresh_token_rotated": rotated, "expires_at": fresh.expires_at}));
-    audit::record(&ctx.db, &event).await;
+    audit::record(ctx, &event).await;
     Ok(fresh)
 }
 
@@ -474,7 +474,7 @@ async fn refresh_failed(
     .integration(Some(integration.id))
     .reason(failure_reason(class))
     .details(json!({"error": err.to_string()}));
-    audit::record(&ctx.db, &event).await;
+    audit::record(ctx, &event).await;
     match class {
         FailureClass::InvalidGrant => {
             // A sibling may have rotated the token with ours a moment ago: re-read once.
@@ -569,7 +569,7 @@ async fn give_up(
     .provider(&integration.provider)
     .integration(Some(integration.id))
     .reason("invalid_grant");
-    audit::record(&ctx.db, &event).await;
+    audit::record(ctx, &event).await;
     Err(reauth(integration))
 }
 

@@ -230,13 +230,12 @@ const UPSERT_CONNECTION_SQL: &str = "INSERT INTO oauth_integrations (id, user_id
 impl Database {
     /// Saves a connection in one transaction. `seal_tokens` receives the integration id (the
     /// tokens' associated data) and the previously stored tokens, if any, and returns the row
-    /// to store; `consent` and `audit` are completed with the integration id.
+    /// to store; `consent` is completed with the integration id.
     pub async fn save_connection<F>(
         &self,
         connection: &NewConnection<'_>,
         seal_tokens: F,
         consent: &mut crate::storage::consents::Consent,
-        audit: &mut crate::storage::audit::NewAuditEvent,
     ) -> StorageResult<SavedConnection>
     where
         F: Fn(
@@ -284,8 +283,6 @@ impl Database {
             crate::storage::tokens::upsert_tokens_query!(&tokens).fetch_one(&mut *tx).await?;
             consent.integration_id = Some(id);
             crate::storage::consents::insert_consent_query!(consent).execute(&mut *tx).await?;
-            audit.integration_id = Some(id);
-            crate::storage::audit::insert_audit_query!(audit).fetch_one(&mut *tx).await?;
             let stored: Row = sqlx::query_as(&get_sql).bind(id).fetch_one(&mut *tx).await?;
             tx.commit().await?;
             Ok(SavedConnection { integration: Integration::try_from(stored)?, created: existing.is_none() })
