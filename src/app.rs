@@ -50,6 +50,8 @@ pub async fn open_database(config: &Config) -> Result<Database, StartupError> {
     let db =
         Database::connect(config.database_url.expose_secret(), PoolSettings::default()).await?;
     db.migrate().await?;
+    // The scope catalog is seeded with the schema, so every command sees the same catalog.
+    crate::services::catalog::seed(&db, config, crate::clock::truncate(chrono::Utc::now())).await?;
     Ok(db)
 }
 
@@ -65,7 +67,13 @@ pub async fn build_services(
     clock: SharedClock,
 ) -> Result<Context, StartupError> {
     let keyring = Arc::new(keyring(config)?);
-    let http = crate::oauth::http_client().map_err(|err| StartupError::Http(err.to_string()))?;
+    let timeout = config
+        .lifecycle
+        .provider_timeout
+        .to_std()
+        .unwrap_or(crate::oauth::TOTAL_TIMEOUT);
+    let http = crate::oauth::http_client_with_timeout(timeout)
+        .map_err(|err| StartupError::Http(err.to_string()))?;
     for declared in config
         .declared_providers
         .iter_mut()
@@ -91,6 +99,7 @@ pub async fn build_services(
         lifecycle: config.lifecycle,
         flights: Arc::default(),
         instance_id: uuid::Uuid::new_v4().to_string().into(),
+        audit: crate::services::audit::AuditChains::new(config.audit_retention_days),
     })
 }
 

@@ -177,6 +177,9 @@ pub struct Config {
     /// Worker timing (`OAUTH_REFRESH_INTERVAL_SECONDS`, `OAUTH_REFRESH_WINDOW_SECONDS`,
     /// `OAUTH_REFRESH_CONCURRENCY`).
     pub worker: WorkerSettings,
+    /// `OAUTH_AUDIT_RETENTION_DAYS` (1–36500): the worker prunes older audit rows, leaving a
+    /// checkpoint in each chain. Unset: audit rows are kept forever.
+    pub audit_retention_days: Option<u32>,
 }
 
 /// Environment prefixes whose `_CLIENT_ID` / `_CLIENT_SECRET` are read at start-up.
@@ -211,6 +214,7 @@ impl Config {
             background_refresh: env.var("OAUTH_BACKGROUND_REFRESH").is_none()
                 || parse_bool(env, "OAUTH_BACKGROUND_REFRESH")?,
             worker: parse_worker(env)?,
+            audit_retention_days: parse_audit_retention(env)?,
             allowed_return_urls: parse_return_urls(env)?,
             redis_url: parse_redis_url(env)?,
             log_format: parse_log_format(env)?,
@@ -509,7 +513,7 @@ fn parse_number(
 
 fn parse_lifecycle(env: &Env<'_>) -> Result<LifecycleSettings, ConfigError> {
     let defaults = LifecycleSettings::default();
-    Ok(LifecycleSettings {
+    let settings = LifecycleSettings {
         refresh_skew: Duration::seconds(parse_number(
             env,
             "OAUTH_REFRESH_SKEW_SECONDS",
@@ -522,8 +526,27 @@ fn parse_lifecycle(env: &Env<'_>) -> Result<LifecycleSettings, ConfigError> {
             defaults.lease.num_seconds(),
             5..=600,
         )?),
+        provider_timeout: Duration::seconds(parse_number(
+            env,
+            "OAUTH_PROVIDER_TIMEOUT_SECONDS",
+            defaults.provider_timeout.num_seconds(),
+            1..=120,
+        )?),
         ..defaults
-    })
+    };
+    // A refresh (a provider call, possibly one quick retry) must end before its lease does,
+    // or another replica could refresh with the same refresh token.
+    let needed = settings.provider_timeout * 2 + Duration::seconds(5);
+    if settings.lease < needed {
+        return Err(ConfigError::invalid(
+            "OAUTH_REFRESH_LEASE_SECONDS",
+            format!(
+                "must be at least {} (twice OAUTH_PROVIDER_TIMEOUT_SECONDS plus 5)",
+                needed.num_seconds()
+            ),
+        ));
+    }
+    Ok(settings)
 }
 
 fn parse_worker(env: &Env<'_>) -> Result<WorkerSettings, ConfigError> {
@@ -545,6 +568,15 @@ fn parse_worker(env: &Env<'_>) -> Result<WorkerSettings, ConfigError> {
         concurrency_per_provider: usize::try_from(concurrency).unwrap_or(64),
         ..defaults
     })
+}
+
+fn parse_audit_retention(env: &Env<'_>) -> Result<Option<u32>, ConfigError> {
+    const VAR: &str = "OAUTH_AUDIT_RETENTION_DAYS";
+    if env.var(VAR).is_none() {
+        return Ok(None);
+    }
+    let days = parse_number(env, VAR, 0, 1..=36_500)?;
+    Ok(u32::try_from(days).ok())
 }
 
 fn parse_bool(env: &Env<'_>, var: &str) -> Result<bool, ConfigError> {
@@ -639,9 +671,14 @@ mod tests {
             ("OAUTH_LOG_FORMAT", "xml"),
             ("OAUTH_TRUST_PROXY_HEADERS", "maybe"),
             ("OAUTH_REFRESH_LEASE_SECONDS", "1"),
+            ("OAUTH_REFRESH_LEASE_SECONDS", "20"),
+            ("OAUTH_PROVIDER_TIMEOUT_SECONDS", "0"),
             ("OAUTH_REFRESH_SKEW_SECONDS", "-5"),
             ("OAUTH_BACKGROUND_REFRESH", "sometimes"),
             ("OAUTH_REFRESH_CONCURRENCY", "0"),
+            ("OAUTH_AUDIT_RETENTION_DAYS", "0"),
+            ("OAUTH_AUDIT_RETENTION_DAYS", "36501"),
+            ("OAUTH_AUDIT_RETENTION_DAYS", "a year"),
             ("OAUTH_PROVIDERS_FILE", "/nonexistent/providers.toml"),
             ("REDIS_URL", "http://cache.internal:6379"),
             ("REDIS_URL", "cache.internal:6379"),

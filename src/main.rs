@@ -12,7 +12,8 @@ use oauth_manager::app::{self, Application};
 use oauth_manager::clock::{SharedClock, SystemClock};
 use oauth_manager::config::{Config, Env};
 use oauth_manager::crypto::KeyMaterial;
-use oauth_manager::services::{keys, vault::TokenVault, worker};
+use oauth_manager::services::{audit, keys, vault::TokenVault, worker};
+use oauth_manager::storage::{Database, PoolSettings};
 use oauth_manager::{dev, telemetry};
 
 #[derive(Debug, Parser)]
@@ -42,6 +43,19 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the audit log's hash chains (DATABASE_URL; no keys needed). Prints a JSON report
+    /// with every chain's head (keep them elsewhere: only they reveal truncated chains); exits
+    /// non-zero, naming the first bad row, when the log was tampered with.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +107,29 @@ async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             println!("{}", KeyMaterial::generate().to_base64().as_str());
             Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => {
+            let config = load_config()?;
+            // Read-only: no migrations, no genesis row, no keys.
+            let db =
+                Database::connect(config.database_url.expose_secret(), PoolSettings::default())
+                    .await
+                    .context("cannot connect to DATABASE_URL")?;
+            let report = audit::verify(&db)
+                .await
+                .context("cannot read the audit log (run `oauth-manager migrate` first?)")?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            match &report.first_problem {
+                None => Ok(()),
+                Some(problem) => anyhow::bail!(
+                    "audit log verification failed: row {}: {} ({} problem(s) in total)",
+                    problem.row_id,
+                    problem.reason,
+                    report.problems
+                ),
+            }
         }
         Command::Keys {
             command: KeysCommand::Rotate,

@@ -162,6 +162,10 @@ impl From<ServiceError> for ApiError {
                 detail,
                 retry_after_seconds,
             } => Self::unavailable("provider_unavailable", detail, retry_after_seconds),
+            ServiceError::RefreshUnavailable => {
+                Self::new(StatusCode::CONFLICT, "refresh_unavailable", err.to_string())
+            }
+            ServiceError::Internal(cause) => Self::internal(&cause),
             ServiceError::ProviderMisconfigured { .. } => Self::new(
                 StatusCode::BAD_GATEWAY,
                 "provider_misconfigured",

@@ -10,7 +10,9 @@ use super::error::ApiError;
 use super::AppState;
 use crate::auth::jwt::AuthError;
 use crate::auth::rbac::{Actor, Principal, RequiredPermission};
-use crate::services::audit::RequestContext;
+use crate::services::audit::{self, RequestContext};
+use crate::storage::audit::Outcome;
+use serde_json::json;
 
 /// Any caller with a valid JWT.
 #[derive(Debug, Clone)]
@@ -64,8 +66,24 @@ impl<P: RequiredPermission> FromRequestParts<AppState> for Authorized<P> {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let Authenticated(principal) = Authenticated::from_request_parts(parts, state).await?;
-        let actor = principal.authorize::<P>()?;
-        Ok(Self(actor))
+        match principal.authorize::<P>() {
+            Ok(actor) => Ok(Self(actor)),
+            Err(forbidden) => {
+                let client = request_context(parts, state);
+                let event = audit::event(
+                    "authorization_denied",
+                    Outcome::Denied,
+                    Some(&principal.user_id),
+                    None,
+                    &client,
+                    state.services.clock.now(),
+                )
+                .reason(forbidden.0.as_str())
+                .details(json!({"method": parts.method.as_str(), "path": parts.uri.path()}));
+                audit::record(&state.services, &event).await;
+                Err(forbidden.into())
+            }
+        }
     }
 }
 
@@ -94,28 +112,32 @@ impl FromRequestParts<AppState> for ClientInfo {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let header = |name: &str| {
-            parts
-                .headers
-                .get(name)
-                .and_then(|value| value.to_str().ok())
-                .map(|value| value.chars().take(512).collect::<String>())
-        };
-        let forwarded = state
-            .config
-            .trust_proxy_headers
-            .then(|| header("x-forwarded-for"))
-            .flatten()
-            .and_then(|list| list.rsplit(',').next().map(|hop| hop.trim().to_owned()))
-            .filter(|hop| hop.parse::<std::net::IpAddr>().is_ok());
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(address)| address.ip().to_string());
-        Ok(Self(RequestContext {
-            request_id: header("x-request-id"),
-            client_ip: forwarded.or(peer),
-            user_agent: header("user-agent"),
-        }))
+        Ok(Self(request_context(parts, state)))
+    }
+}
+
+fn request_context(parts: &Parts, state: &AppState) -> RequestContext {
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(|value| value.chars().take(512).collect::<String>())
+    };
+    let forwarded = state
+        .config
+        .trust_proxy_headers
+        .then(|| header("x-forwarded-for"))
+        .flatten()
+        .and_then(|list| list.rsplit(',').next().map(|hop| hop.trim().to_owned()))
+        .filter(|hop| hop.parse::<std::net::IpAddr>().is_ok());
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(address)| address.ip().to_string());
+    RequestContext {
+        request_id: header("x-request-id"),
+        client_ip: forwarded.or(peer),
+        user_agent: header("user-agent"),
     }
 }

@@ -13,7 +13,7 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -59,6 +59,19 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/integrations/{id}/token", get(routes::tokens::token))
         .route("/integrations/{id}/refresh", post(routes::tokens::refresh))
+        .route(
+            "/integrations/{id}/features",
+            get(routes::catalog::integration_features),
+        )
+        .route(
+            "/providers/{provider}/scopes",
+            get(routes::catalog::scopes).post(routes::catalog::put_scope),
+        )
+        .route("/features", get(routes::catalog::features))
+        .route("/consents", get(routes::consents::list))
+        .route("/consents/{id}/withdraw", post(routes::consents::withdraw))
+        .route("/users/{user_id}/export", get(routes::users::export))
+        .route("/users/{user_id}", delete(routes::users::erase))
         // Responses of this API may carry tokens: never cache them anywhere.
         .layer(SetResponseHeaderLayer::if_not_present(
             header::CACHE_CONTROL,

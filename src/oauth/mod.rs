@@ -39,7 +39,7 @@ pub use token::{
 pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const TOTAL_TIMEOUT: Duration = Duration::from_secs(15);
+pub const TOTAL_TIMEOUT: Duration = Duration::from_secs(15);
 const USER_AGENT: &str = concat!("oauth-manager/", env!("CARGO_PKG_VERSION"));
 
 /// The HTTP client for every call to a provider.
@@ -48,10 +48,15 @@ const USER_AGENT: &str = concat!("oauth-manager/", env!("CARGO_PKG_VERSION"));
 /// a redirect would replay them (and the code or token) to wherever the `Location` points.
 /// A 3xx therefore surfaces as an error instead.
 pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    http_client_with_timeout(TOTAL_TIMEOUT)
+}
+
+/// [`http_client`] with another total timeout per request (`OAUTH_PROVIDER_TIMEOUT_SECONDS`).
+pub fn http_client_with_timeout(total: Duration) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .use_rustls_tls()
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(TOTAL_TIMEOUT)
+        .connect_timeout(CONNECT_TIMEOUT.min(total))
+        .timeout(total)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(USER_AGENT)
         .build()

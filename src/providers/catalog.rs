@@ -2,9 +2,10 @@
 //! product features it serves. Built-in providers ship theirs; declared providers add theirs in
 //! `OAUTH_PROVIDERS_FILE`.
 //!
-//! Features resolve to the *least* privilege: entries are listed least-privileged first, and a
-//! feature is served by the first entry that enables it (`calendar.read` by
-//! `calendar.readonly`, not by read-write `calendar`).
+//! Features resolve to the *least* privilege: of the scopes enabling a feature, the one enabling
+//! the fewest features, then the least sensitive, then the first by name (`calendar.read` is
+//! served by `calendar.readonly`, not by read-write `calendar`). The rule does not depend on the
+//! order entries are stored in, so the catalog can live in the database.
 
 use std::collections::BTreeSet;
 
@@ -74,7 +75,14 @@ pub fn scopes_for_features(
     for feature in features {
         let entry = catalog
             .iter()
-            .find(|entry| entry.features.contains(feature))
+            .filter(|entry| entry.features.contains(feature))
+            .min_by(|a, b| {
+                (a.features.len(), a.sensitivity, &a.scope).cmp(&(
+                    b.features.len(),
+                    b.sensitivity,
+                    &b.scope,
+                ))
+            })
             .ok_or_else(|| CatalogError::UnknownFeature(feature.clone()))?;
         scopes.insert(entry.scope.clone());
     }
@@ -136,6 +144,47 @@ mod tests {
         assert_eq!(
             scopes_for_features(&catalog(), &features(&["teleport"])),
             Err(CatalogError::UnknownFeature("teleport".into()))
+        );
+    }
+
+    #[test]
+    fn every_built_in_feature_resolves_to_its_narrowest_scope() {
+        use crate::providers::{google, microsoft, youtube};
+        let feature = |name: &str| vec![name.to_owned()];
+        let resolve =
+            |catalog: &[CatalogEntry], name: &str| scopes_for_features(catalog, &feature(name));
+        let google = google::catalog();
+        assert_eq!(
+            resolve(&google, "calendar.read"),
+            Ok(vec![
+                "https://www.googleapis.com/auth/calendar.readonly".into()
+            ])
+        );
+        assert_eq!(
+            resolve(&google, "calendar.write"),
+            Ok(vec!["https://www.googleapis.com/auth/calendar".into()])
+        );
+        assert_eq!(
+            resolve(&google, "email.send"),
+            Ok(vec!["https://www.googleapis.com/auth/gmail.send".into()])
+        );
+        let microsoft = microsoft::catalog();
+        assert_eq!(
+            resolve(&microsoft, "calendar.read"),
+            Ok(vec!["Calendars.Read".into()])
+        );
+        assert_eq!(
+            resolve(&microsoft, "files"),
+            Ok(vec!["Files.ReadWrite".into()])
+        );
+        let youtube = youtube::catalog();
+        assert_eq!(
+            resolve(&youtube, "youtube.read"),
+            Ok(vec![youtube::READONLY_SCOPE.into()])
+        );
+        assert!(
+            resolve(&youtube, "calendar.read").is_err(),
+            "YouTube serves no calendar"
         );
     }
 

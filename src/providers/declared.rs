@@ -24,7 +24,7 @@ use toml::Spanned;
 use url::Url;
 
 use super::catalog::{CatalogEntry, Sensitivity};
-use super::{Provider, ProviderDefinition, ProviderKind};
+use super::{Provider, ProviderDefinition, ProviderKind, RefreshRotation};
 use crate::config::{is_loopback, ConfigError, Env};
 use crate::oauth::{BodyFormat, ClientAuth};
 
@@ -59,6 +59,7 @@ struct RawDeclaration {
     pkce: Option<bool>,
     authorization_params: Option<BTreeMap<String, String>>,
     authorization_response_iss_parameter_supported: Option<bool>,
+    refresh_token_rotation: Option<RefreshRotation>,
     #[serde(default)]
     catalog: Vec<CatalogEntry>,
 }
@@ -84,6 +85,7 @@ pub struct DeclaredProvider {
     pub pkce: Option<bool>,
     pub authorization_params: Option<BTreeMap<String, String>>,
     pub iss_parameter_supported: Option<bool>,
+    pub refresh_rotation: Option<RefreshRotation>,
     pub catalog: Vec<CatalogEntry>,
     /// Set when OIDC discovery failed or disagreed: the provider is listed but unusable.
     pub unavailable: Option<String>,
@@ -159,6 +161,7 @@ fn validate(
         pkce: raw.pkce,
         authorization_params: raw.authorization_params,
         iss_parameter_supported: raw.authorization_response_iss_parameter_supported,
+        refresh_rotation: raw.refresh_token_rotation,
         catalog: raw.catalog,
         unavailable: None,
         name,
@@ -328,6 +331,8 @@ impl DeclaredProvider {
                 .clone()
                 .unwrap_or_else(|| " ".to_owned()),
             pkce: self.pkce.unwrap_or(true),
+            // Unknown servers are assumed strict: the safe assumption for retries.
+            refresh_rotation: self.refresh_rotation.unwrap_or(RefreshRotation::Strict),
             authorization_params: self.authorization_params.clone().unwrap_or_default(),
             iss_parameter_supported: self.iss_parameter_supported.unwrap_or(false),
             catalog,

@@ -5,7 +5,7 @@
 //! (granular consent), so the granted set is read from the token response.
 
 use super::catalog::{CatalogEntry, Sensitivity};
-use super::{builtin_url, params, strings, ProviderDefinition, ProviderKind};
+use super::{builtin_url, params, strings, ProviderDefinition, ProviderKind, RefreshRotation};
 use crate::config::ConfigError;
 use crate::oauth::{BodyFormat, ClientAuth};
 
@@ -44,6 +44,7 @@ pub fn google_endpoints(
         default_scopes: strings(scopes),
         scope_separator: " ".to_owned(),
         pkce: true,
+        refresh_rotation: RefreshRotation::None,
         authorization_params: params(&[
             ("access_type", "offline"),
             ("include_granted_scopes", "true"),

@@ -8,7 +8,7 @@
 use serde_json::{json, Value};
 
 use super::catalog::{CatalogEntry, Sensitivity};
-use super::{builtin_url, strings, ProviderDefinition, ProviderKind};
+use super::{builtin_url, strings, ProviderDefinition, ProviderKind, RefreshRotation};
 use crate::config::ConfigError;
 use crate::oauth::{BodyFormat, ClientAuth, IdTokenClaims};
 
@@ -127,6 +127,7 @@ pub fn definition(tenant: &str) -> Result<ProviderDefinition, ConfigError> {
         default_scopes: strings(&["openid", "profile", "email", "offline_access", "User.Read"]),
         scope_separator: " ".to_owned(),
         pkce: true,
+        refresh_rotation: RefreshRotation::Lenient,
         authorization_params: Default::default(),
         iss_parameter_supported: false,
         catalog: catalog(),

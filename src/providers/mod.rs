@@ -42,6 +42,20 @@ pub enum ProviderKind {
     Generic,
 }
 
+/// What the provider does with refresh tokens on refresh: decides whether a failed refresh may
+/// be retried with the same token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefreshRotation {
+    /// The refresh token stays valid (Google).
+    None,
+    /// A new refresh token each time, and the old one stays valid (Microsoft).
+    Lenient,
+    /// A new refresh token each time; reusing an old one revokes the grant (Notion, strict
+    /// OpenID servers). A refresh whose answer was lost is never retried with the old token.
+    Strict,
+}
+
 /// Everything about a provider that is data rather than code.
 #[derive(Debug, Clone)]
 pub struct ProviderDefinition {
@@ -64,6 +78,7 @@ pub struct ProviderDefinition {
     pub default_scopes: Vec<String>,
     pub scope_separator: String,
     pub pkce: bool,
+    pub refresh_rotation: RefreshRotation,
     /// Static extra authorization parameters (`access_type=offline`, `owner=user`, ...).
     pub authorization_params: BTreeMap<String, String>,
     /// RFC 9207: the provider returns `iss` in the authorization response, so it is required.

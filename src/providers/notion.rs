@@ -9,7 +9,7 @@
 use serde_json::{json, Value};
 
 use super::catalog::{CatalogEntry, Sensitivity};
-use super::{builtin_url, params, ProviderDefinition, ProviderKind};
+use super::{builtin_url, params, ProviderDefinition, ProviderKind, RefreshRotation};
 use crate::config::ConfigError;
 use crate::oauth::{BodyFormat, ClientAuth};
 
@@ -45,6 +45,7 @@ pub fn definition(version: &str) -> Result<ProviderDefinition, ConfigError> {
         default_scopes: vec![WORKSPACE_SCOPE.to_owned()],
         scope_separator: " ".to_owned(),
         pkce: false,
+        refresh_rotation: RefreshRotation::Strict,
         authorization_params: params(&[("owner", "user")]),
         iss_parameter_supported: false,
         catalog: catalog(),

@@ -13,16 +13,16 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::audit::{self, RequestContext};
-use super::tokens::backoff;
-use super::{Context, ServiceError, ServiceResult};
+use super::{integrations, Context, ServiceResult};
 use crate::auth::rbac::{Actor, WriteIntegrations};
 use crate::oauth::{revoke, FailureClass, RevocationOutcome, TokenHint};
 use crate::storage::audit::Outcome;
 use crate::storage::integrations::IntegrationStatus;
 use crate::storage::tokens::SealedTokens;
 
-/// After this many failed attempts (about a week of back-off) a revocation is abandoned and
-/// the tokens deleted anyway: they are unusable here, and keeping them has its own risk.
+/// After this many failed attempts (about four days, see `revocation_backoff`) a revocation
+/// is abandoned and the tokens deleted anyway: they are unusable here, and keeping them has
+/// its own risk.
 const MAX_REVOCATION_ATTEMPTS: i32 = 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,32 +57,37 @@ pub async fn disconnect(
     id: Uuid,
     client: &RequestContext,
 ) -> ServiceResult<ProviderRevocation> {
-    let integration = match ctx.db.get_integration(id).await? {
-        Some(integration) if actor.can_access(&integration.user_id) => integration,
-        _ => return Err(ServiceError::NotFound),
-    };
+    let integration = integrations::visible(ctx, actor, id, client).await?;
+    let already = integration.status == IntegrationStatus::Revoked;
+    // A refresh in flight would store new tokens after our snapshot (and they would never be
+    // revoked): wait for it, here and on other replicas, before taking the snapshot.
+    let _flight = ctx.flights.lock(id).await;
+    let lease = wait_for_lease(ctx, id).await?;
     let now = ctx.clock.now();
     let sealed = ctx.db.get_tokens(id).await?;
-    let provider = ctx.providers.get(&integration.provider);
-    let can_revoke =
-        provider.is_some_and(|p| p.definition.revocation_url.is_some() && p.is_configured());
-    let already = integration.status == IntegrationStatus::Revoked;
+    let revocable = ctx
+        .providers
+        .get(&integration.provider)
+        .is_some_and(|provider| provider.definition.revocation_url.is_some());
     let outcome = match sealed {
         None => {
             ctx.db.disconnect_integration(id, false, now).await?;
             ProviderRevocation::NothingToRevoke
         }
-        Some(_) if !can_revoke => {
+        Some(_) if !revocable => {
             ctx.db.disconnect_integration(id, false, now).await?;
             ProviderRevocation::NotSupported
         }
+        // Disconnected before and still queued: the worker owns the retries and their back-off.
+        Some(_) if already => ProviderRevocation::Pending { retry_at: now },
         Some(sealed) => {
-            if !already {
-                ctx.db.disconnect_integration(id, true, now).await?;
-            }
+            ctx.db.disconnect_integration(id, true, now).await?;
             attempt(ctx, &integration.provider, &integration.user_id, &sealed, 0).await
         }
     };
+    if let Some(lease) = lease {
+        ctx.db.release_token_lease(id, &lease).await?;
+    }
     let event = audit::event(
         "disconnect",
         Outcome::Success,
@@ -98,6 +103,27 @@ pub async fn disconnect(
     Ok(outcome)
 }
 
+/// Takes the token row's refresh lease, waiting up to a lease's length for a refresher
+/// elsewhere to finish; `None` when there is no row or the wait ran out (disconnect anyway).
+async fn wait_for_lease(ctx: &Context, id: Uuid) -> ServiceResult<Option<String>> {
+    let lease = format!("{}:{}", ctx.instance_id, Uuid::new_v4());
+    let deadline = std::time::Instant::now() + ctx.lifecycle.lease.to_std().unwrap_or_default();
+    loop {
+        let now = ctx.clock.now();
+        if ctx
+            .db
+            .try_lease_tokens(id, &lease, now, now + ctx.lifecycle.lease)
+            .await?
+        {
+            return Ok(Some(lease));
+        }
+        if ctx.db.get_tokens(id).await?.is_none() || std::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// One revocation attempt for a queued token row; reschedules or deletes it.
 pub async fn attempt(
     ctx: &Context,
@@ -106,21 +132,34 @@ pub async fn attempt(
     sealed: &SealedTokens,
     attempts: i32,
 ) -> ProviderRevocation {
-    let id = sealed.integration_id;
     match try_revoke(ctx, provider_name, user_id, sealed).await {
-        Ok(None) => finish(ctx, id, ProviderRevocation::Revoked).await,
+        Ok(None) => finish(ctx, sealed, ProviderRevocation::Revoked).await,
         Ok(Some(retry_after)) => {
             postpone(
                 ctx,
-                id,
+                sealed,
                 attempts,
                 Some(retry_after),
                 "the provider asked to retry later",
             )
             .await
         }
-        Err(reason) => postpone(ctx, id, attempts, None, &reason).await,
+        Err(reason) => postpone(ctx, sealed, attempts, None, &reason).await,
     }
+}
+
+/// One immediate attempt, nothing queued (erasure keeps nothing for later): true when the
+/// provider confirmed the revocation.
+pub async fn revoke_now(
+    ctx: &Context,
+    provider_name: &str,
+    user_id: &str,
+    sealed: &SealedTokens,
+) -> bool {
+    matches!(
+        try_revoke(ctx, provider_name, user_id, sealed).await,
+        Ok(None)
+    )
 }
 
 /// `Ok(None)`: revoked. `Ok(Some(wait))`: 503 with Retry-After. `Err`: failed, with why.
@@ -167,26 +206,45 @@ async fn try_revoke(
 
 async fn postpone(
     ctx: &Context,
-    id: Uuid,
+    sealed: &SealedTokens,
     attempts: i32,
     retry_after: Option<std::time::Duration>,
     reason: &str,
 ) -> ProviderRevocation {
+    let id = sealed.integration_id;
     if attempts + 1 >= MAX_REVOCATION_ATTEMPTS {
         tracing::error!(integration = %id, reason, "provider revocation abandoned after repeated failures");
-        return finish(ctx, id, ProviderRevocation::Abandoned).await;
+        return finish(ctx, sealed, ProviderRevocation::Abandoned).await;
     }
     let failures = u32::try_from(attempts).unwrap_or(0);
-    let retry_at = ctx.clock.now() + backoff(failures, retry_after).max(Duration::seconds(1));
-    if let Err(err) = ctx.db.postpone_revocation(id, retry_at, reason).await {
+    let retry_at = ctx.clock.now() + revocation_backoff(failures, retry_after);
+    if let Err(err) = ctx
+        .db
+        .postpone_revocation(id, sealed.generation, retry_at, reason)
+        .await
+    {
         tracing::error!(integration = %id, error = %err, "could not reschedule a provider revocation");
     }
     ProviderRevocation::Pending { retry_at }
 }
 
-async fn finish(ctx: &Context, id: Uuid, outcome: ProviderRevocation) -> ProviderRevocation {
-    if let Err(err) = ctx.db.delete_tokens(id).await {
+/// Deletes the queued row, unless a reconnect replaced it with live tokens meanwhile.
+async fn finish(
+    ctx: &Context,
+    sealed: &SealedTokens,
+    outcome: ProviderRevocation,
+) -> ProviderRevocation {
+    let id = sealed.integration_id;
+    if let Err(err) = ctx.db.delete_queued_tokens(id, sealed.generation).await {
         tracing::error!(integration = %id, error = %err, "revoked tokens could not be deleted");
     }
     outcome
+}
+
+/// Revocations back off from 30 s, doubling, to at most 6 hours; a longer Retry-After wins.
+/// With MAX_REVOCATION_ATTEMPTS that keeps trying for about four days.
+fn revocation_backoff(failures: u32, retry_after: Option<std::time::Duration>) -> Duration {
+    let doubling = 30i64.saturating_mul(1i64 << failures.min(10));
+    let hinted = retry_after.map_or(0, |wait| i64::try_from(wait.as_secs()).unwrap_or(i64::MAX));
+    Duration::seconds(doubling.min(6 * 3600).max(hinted.min(86_400)).max(1))
 }

@@ -16,6 +16,7 @@ use url::Url;
 use uuid::Uuid;
 
 use super::audit::{self, RequestContext};
+use super::catalog;
 use super::vault::{pkce_verifier_aad, TokenOwner, TokenSet};
 use super::{Context, ServiceError, ServiceResult};
 use crate::auth::rbac::{Actor, WriteIntegrations};
@@ -23,7 +24,7 @@ use crate::oauth::{
     self, parse_scopes, random_urlsafe, request_token, validate_id_token, FailureClass,
     IdTokenClaims, IdTokenExpectations, IssuerRule, Pkce, TokenError, TokenGrant, TokenResponse,
 };
-use crate::providers::catalog::{check_known, scopes_for_features};
+use crate::providers::catalog::{check_known, scopes_for_features, CatalogEntry};
 use crate::providers::{
     google, microsoft, notion, youtube, Protocol, Provider, ProviderDefinition, ProviderKind,
 };
@@ -75,10 +76,11 @@ pub async fn start(
         .map(|url| check_return_to(&ctx.allowed_return_urls, url))
         .transpose()?;
     let existing = match request.integration_id {
-        Some(id) => Some(owned_integration(ctx, actor, id, provider_name).await?),
+        Some(id) => Some(owned_integration(ctx, actor, id, provider_name, client).await?),
         None => None,
     };
-    let scopes = scopes_to_request(definition, &request, existing.as_ref())?;
+    let catalog = catalog::entries(ctx, provider_name).await?;
+    let scopes = scopes_to_request(definition, &catalog, &request, existing.as_ref())?;
     let holds_refresh_token = match &existing {
         Some(integration) => ctx
             .db
@@ -206,11 +208,9 @@ async fn owned_integration(
     actor: &Actor<WriteIntegrations>,
     id: Uuid,
     provider: &str,
+    client: &RequestContext,
 ) -> ServiceResult<Integration> {
-    let integration = match ctx.db.get_integration(id).await? {
-        Some(integration) if actor.can_access(&integration.user_id) => integration,
-        _ => return Err(ServiceError::NotFound),
-    };
+    let integration = super::integrations::visible(ctx, actor, id, client).await?;
     if integration.user_id != actor.user_id() {
         // Authorizing on behalf of someone else would bind *their* integration to the
         // caller's browser session: admins read, they do not consent for users.
@@ -233,6 +233,7 @@ async fn owned_integration(
 /// union with what is held (a new token replaces the old one).
 fn scopes_to_request(
     definition: &ProviderDefinition,
+    catalog: &[CatalogEntry],
     request: &AuthorizeRequest,
     existing: Option<&Integration>,
 ) -> ServiceResult<Vec<String>> {
@@ -243,9 +244,8 @@ fn scopes_to_request(
         };
         ServiceError::invalid(code, format!("{err} ({})", definition.name))
     };
-    let from_features =
-        scopes_for_features(&definition.catalog, &request.features).map_err(catalog_error)?;
-    check_known(&definition.catalog, &request.scopes).map_err(catalog_error)?;
+    let from_features = scopes_for_features(catalog, &request.features).map_err(catalog_error)?;
+    check_known(catalog, &request.scopes).map_err(catalog_error)?;
     let wanted = oauth::union(
         &oauth::union(&definition.default_scopes, &from_features),
         &request.scopes,
@@ -797,6 +797,21 @@ fn granted_scopes(
     let Some(raw) = tokens.scope.as_deref().filter(|raw| !raw.trim().is_empty()) else {
         return oauth::union(requested, held);
     };
+    let reported = reported_scopes(definition, raw, requested);
+    match definition.kind {
+        // include_granted_scopes: the new grant covers everything granted before.
+        ProviderKind::Google | ProviderKind::YouTube => oauth::union(&reported, held),
+        _ => reported,
+    }
+}
+
+/// A token response's `scope`, in the catalog's spelling. Microsoft's resource token omits
+/// the sign-in scopes, so those of `expected` are kept.
+pub(crate) fn reported_scopes(
+    definition: &ProviderDefinition,
+    raw: &str,
+    expected: &[String],
+) -> Vec<String> {
     let reported: Vec<String> = parse_scopes(raw, &definition.scope_separator)
         .iter()
         .map(|scope| match definition.kind {
@@ -805,20 +820,15 @@ fn granted_scopes(
             _ => scope.clone(),
         })
         .collect();
-    match definition.kind {
-        // include_granted_scopes: the new grant covers everything granted before.
-        ProviderKind::Google | ProviderKind::YouTube => oauth::union(&reported, held),
-        // The resource token's `scope` omits the sign-in scopes that were requested.
-        ProviderKind::Microsoft => {
-            let sign_in: Vec<String> = requested
-                .iter()
-                .filter(|scope| microsoft::OPENID_SCOPES.contains(&scope.as_str()))
-                .cloned()
-                .collect();
-            oauth::union(&reported, &sign_in)
-        }
-        _ => oauth::union(&reported, &[]),
+    if definition.kind != ProviderKind::Microsoft {
+        return oauth::union(&reported, &[]);
     }
+    let sign_in: Vec<String> = expected
+        .iter()
+        .filter(|scope| microsoft::OPENID_SCOPES.contains(&scope.as_str()))
+        .cloned()
+        .collect();
+    oauth::union(&reported, &sign_in)
 }
 
 async fn save(
@@ -864,7 +874,12 @@ async fn save(
         integration_id: None,
         scopes_granted: Json(granted.clone()),
         scopes_denied: Json(denied.clone()),
-        descriptions_shown: Json(descriptions(definition, requested)),
+        descriptions_shown: Json(descriptions(
+            &catalog::entries(ctx, &pending.provider)
+                .await
+                .unwrap_or_default(),
+            requested,
+        )),
         client_ip: client.client_ip.clone(),
         user_agent: client.user_agent.clone(),
         granted_at: now,
@@ -913,15 +928,12 @@ async fn save(
 }
 
 /// The catalog's words for each requested scope, as the user was shown them.
-fn descriptions(definition: &ProviderDefinition, scopes: &[String]) -> Value {
+fn descriptions(catalog: &[CatalogEntry], scopes: &[String]) -> Value {
     Value::Array(
         scopes
             .iter()
             .map(|scope| {
-                let entry = definition
-                    .catalog
-                    .iter()
-                    .find(|entry| &entry.scope == scope);
+                let entry = catalog.iter().find(|entry| &entry.scope == scope);
                 json!({
                     "scope": scope,
                     "description": entry.map(|e| e.description.clone()),

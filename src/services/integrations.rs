@@ -2,8 +2,12 @@
 
 use uuid::Uuid;
 
-use super::{ServiceError, ServiceResult};
-use crate::auth::rbac::{Actor, ReadIntegrations, UserScope};
+use serde_json::json;
+
+use super::audit::{self, RequestContext};
+use super::{Context, ServiceError, ServiceResult};
+use crate::auth::rbac::{Actor, ReadIntegrations, RequiredPermission, UserScope};
+use crate::storage::audit::Outcome;
 use crate::storage::integrations::{Integration, IntegrationFilter, IntegrationStatus};
 use crate::storage::{Database, Page, Paged};
 
@@ -38,15 +42,33 @@ pub async fn list(
         .await?)
 }
 
-/// An integration the caller may see; someone else's is reported as absent.
-pub async fn get(
-    db: &Database,
-    actor: &Actor<ReadIntegrations>,
+/// An integration the caller may see. Someone else's is reported as absent, exactly like a
+/// missing one (no existence oracle), and the attempt is audited.
+pub async fn visible<P: RequiredPermission>(
+    ctx: &Context,
+    actor: &Actor<P>,
     id: Uuid,
+    client: &RequestContext,
 ) -> ServiceResult<Integration> {
-    match db.get_integration(id).await? {
+    match ctx.db.get_integration(id).await? {
         Some(integration) if actor.can_access(&integration.user_id) => Ok(integration),
-        _ => Err(ServiceError::NotFound),
+        Some(integration) => {
+            let event = audit::event(
+                "access_denied",
+                Outcome::Denied,
+                Some(actor.user_id()),
+                Some(&integration.user_id),
+                client,
+                ctx.clock.now(),
+            )
+            .provider(&integration.provider)
+            .integration(Some(id))
+            .reason("not_owner")
+            .details(json!({"permission": P::PERMISSION}));
+            audit::record(ctx, &event).await;
+            Err(ServiceError::NotFound)
+        }
+        None => Err(ServiceError::NotFound),
     }
 }
 

@@ -2,10 +2,13 @@
 //! [`Actor`](crate::auth::rbac::Actor) proving the caller's permission.
 
 pub mod audit;
+pub mod catalog;
+pub mod consents;
 pub mod disconnect;
 pub mod flow;
 pub mod integrations;
 pub mod keys;
+pub mod privacy;
 pub mod tokens;
 pub mod vault;
 pub mod worker;
@@ -39,6 +42,8 @@ pub struct Context {
     pub flights: Arc<tokens::Flights>,
     /// This process's name on refresh leases.
     pub instance_id: Arc<str>,
+    /// Audit hash chains: the cached digest salt and the retention period.
+    pub audit: audit::AuditChains,
 }
 
 impl Context {
@@ -76,6 +81,12 @@ pub enum ServiceError {
     },
     #[error("the {provider} provider rejected this service's client credentials")]
     ProviderMisconfigured { provider: String },
+    #[error(
+        "the provider issued no refresh token for this integration, so it cannot be refreshed"
+    )]
+    RefreshUnavailable,
+    #[error("{0}")]
+    Internal(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]

@@ -34,9 +34,10 @@ use uuid::Uuid;
 
 use super::audit::{self, RequestContext};
 use super::vault::{TokenOwner, TokenSet};
-use super::{Context, ServiceError, ServiceResult};
-use crate::auth::rbac::{Actor, ReadIntegrations, ReadTokens, RequiredPermission};
+use super::{integrations, Context, ServiceError, ServiceResult};
+use crate::auth::rbac::{Actor, ReadTokens, RequiredPermission};
 use crate::oauth::{request_token, FailureClass, TokenError, TokenGrant, TokenResponse};
+use crate::providers::RefreshRotation;
 use crate::storage::audit::Outcome;
 use crate::storage::integrations::{Integration, IntegrationStatus};
 use crate::storage::tokens::SealedTokens;
@@ -46,8 +47,11 @@ use crate::storage::tokens::SealedTokens;
 pub struct LifecycleSettings {
     /// Refresh this long before expiry (capped at a quarter of the token's lifetime).
     pub refresh_skew: Duration,
-    /// How long a refresher may hold the lease before others may take over.
+    /// How long a refresher may hold the lease before others may take over. Always longer
+    /// than a refresh can take (two provider calls at `provider_timeout`), checked at start-up.
     pub lease: Duration,
+    /// Total timeout of one call to a provider (`OAUTH_PROVIDER_TIMEOUT_SECONDS`).
+    pub provider_timeout: Duration,
     /// A forced refresh within this long of the last one returns the current token instead.
     pub min_forced_interval: Duration,
 }
@@ -56,7 +60,8 @@ impl Default for LifecycleSettings {
     fn default() -> Self {
         Self {
             refresh_skew: Duration::minutes(5),
-            lease: Duration::seconds(30),
+            lease: Duration::seconds(60),
+            provider_timeout: Duration::seconds(15),
             min_forced_interval: Duration::seconds(10),
         }
     }
@@ -115,7 +120,7 @@ pub async fn access_token(
     id: Uuid,
     client: &RequestContext,
 ) -> ServiceResult<IssuedToken> {
-    let integration = visible_integration(ctx, actor, id).await?;
+    let integration = integrations::visible(ctx, actor, id, client).await?;
     let result = usable_tokens(
         ctx,
         &integration,
@@ -152,14 +157,14 @@ pub async fn access_token(
 /// Refreshes now (`POST …/refresh`). With `rejected`, only if that is still the stored token:
 /// a sibling may already have replaced it. The new token is returned only to callers that may
 /// read tokens.
-pub async fn refresh_now(
+pub async fn refresh_now<P: RequiredPermission>(
     ctx: &Context,
-    actor: &Actor<ReadIntegrations>,
+    actor: &Actor<P>,
     id: Uuid,
     rejected: Option<SecretString>,
     client: &RequestContext,
 ) -> ServiceResult<(Integration, TokenSet)> {
-    let integration = visible_integration(ctx, actor, id).await?;
+    let integration = integrations::visible(ctx, actor, id, client).await?;
     let tokens = usable_tokens(
         ctx,
         &integration,
@@ -176,17 +181,6 @@ pub async fn refresh_now(
         .await?
         .ok_or(ServiceError::NotFound)?;
     Ok((integration, tokens))
-}
-
-async fn visible_integration<P: RequiredPermission>(
-    ctx: &Context,
-    actor: &Actor<P>,
-    id: Uuid,
-) -> ServiceResult<Integration> {
-    match ctx.db.get_integration(id).await? {
-        Some(integration) if actor.can_access(&integration.user_id) => Ok(integration),
-        _ => Err(ServiceError::NotFound),
-    }
 }
 
 async fn usable_tokens(
@@ -211,6 +205,10 @@ fn reauth(integration: &Integration) -> ServiceError {
 }
 
 /// Returns tokens that satisfy `trigger`, refreshing at most once across all callers.
+///
+/// A token that needs nothing is returned without any lock. Otherwise the work runs in a
+/// detached task: a caller that goes away (client disconnect, request timeout) must not abort
+/// a refresh the provider may already have answered, or the rotated refresh token would be lost.
 pub async fn ensure_fresh(
     ctx: &Context,
     integration: &Integration,
@@ -218,54 +216,148 @@ pub async fn ensure_fresh(
     actor: &str,
     client: &RequestContext,
 ) -> ServiceResult<TokenSet> {
+    let sealed = ctx
+        .db
+        .get_tokens(integration.id)
+        .await?
+        .ok_or_else(|| reauth(integration))?;
+    let current = ctx.vault.open(&integration.user_id, &sealed)?;
+    if !needs_refresh(&trigger, &current, &sealed, ctx.clock.now(), &ctx.lifecycle) {
+        return Ok(current);
+    }
+    let task = tokio::spawn(single_flight(
+        ctx.clone(),
+        integration.clone(),
+        trigger,
+        actor.to_owned(),
+        client.clone(),
+        None,
+    ));
+    task.await
+        .map_err(|err| ServiceError::Internal(format!("refresh task failed: {err}")))?
+}
+
+/// The background worker's refresh of an integration it claimed with the lease `claim`: the
+/// claim is handed over to the refresh, never released in between (another worker could
+/// claim the row in that gap).
+pub async fn refresh_claimed(
+    ctx: &Context,
+    integration: &Integration,
+    window: Duration,
+    claim: &str,
+) -> ServiceResult<TokenSet> {
+    let trigger = Trigger::Background { window };
+    let client = RequestContext::default();
+    let task = tokio::spawn(single_flight(
+        ctx.clone(),
+        integration.clone(),
+        trigger,
+        WORKER_ACTOR.to_owned(),
+        client,
+        Some(claim.to_owned()),
+    ));
+    let result = task
+        .await
+        .map_err(|err| ServiceError::Internal(format!("refresh task failed: {err}")))?;
+    // Not needed after all, or failed before the hand-over: the claim must not linger.
+    ctx.db.release_token_lease(integration.id, claim).await?;
+    result
+}
+
+pub const WORKER_ACTOR: &str = "system:refresher";
+
+/// While another replica refreshes, a current token with at least this much life left is
+/// handed out instead of waiting.
+const USABLE_WHILE_WAITING: Duration = Duration::seconds(30);
+
+/// How long a caller waits for another replica's refresh before answering 503.
+const WAIT_FOR_OTHER_REFRESHER: StdDuration = StdDuration::from_secs(20);
+
+async fn single_flight(
+    ctx: Context,
+    integration: Integration,
+    trigger: Trigger,
+    actor: String,
+    client: RequestContext,
+    mut claimed: Option<String>,
+) -> ServiceResult<TokenSet> {
+    let ctx = &ctx;
     let _flight = ctx.flights.lock(integration.id).await;
-    let deadline = Instant::now() + to_std(ctx.lifecycle.lease + Duration::seconds(5));
+    let deadline = Instant::now() + WAIT_FOR_OTHER_REFRESHER;
     loop {
         let now = ctx.clock.now();
         let sealed = ctx
             .db
             .get_tokens(integration.id)
             .await?
-            .ok_or_else(|| reauth(integration))?;
+            .ok_or_else(|| reauth(&integration))?;
         let current = ctx.vault.open(&integration.user_id, &sealed)?;
         if !needs_refresh(&trigger, &current, &sealed, now, &ctx.lifecycle) {
             return Ok(current);
         }
-        if current.refresh_token.is_none() {
-            return give_up(
-                ctx,
-                integration,
-                "the token expired and the provider issued no refresh token",
-                actor,
-                client,
-            )
-            .await;
-        }
-        let owner = &*ctx.instance_id;
-        if ctx
+        // A caller before us may have given up on this integration, or be backing off.
+        let latest = ctx
             .db
-            .try_lease_tokens(integration.id, owner, now, now + ctx.lifecycle.lease)
+            .get_integration(integration.id)
             .await?
-        {
+            .ok_or(ServiceError::NotFound)?;
+        match latest.status {
+            IntegrationStatus::Revoked => return Err(ServiceError::IntegrationRevoked),
+            IntegrationStatus::NeedsReauth => return Err(reauth(&integration)),
+            IntegrationStatus::Active | IntegrationStatus::Error => {}
+        }
+        if let Some(wait_until) = sealed.refresh_not_before.filter(|until| *until > now) {
+            if !matches!(trigger, Trigger::Rejected { .. }) {
+                return still_valid_or_unavailable(
+                    current,
+                    now,
+                    wait_until,
+                    "the provider failed recently; retrying later",
+                );
+            }
+        }
+        if current.refresh_token.is_none() {
+            return no_refresh_token(ctx, &integration, &trigger, &actor, &client).await;
+        }
+        let lease = format!("{}:{}", ctx.instance_id, Uuid::new_v4());
+        let until = now + ctx.lifecycle.lease;
+        let taken = match claimed.take() {
+            Some(claim) => {
+                ctx.db
+                    .transfer_token_lease(integration.id, &claim, &lease, until)
+                    .await?
+            }
+            None => {
+                ctx.db
+                    .try_lease_tokens(integration.id, &lease, now, until)
+                    .await?
+            }
+        };
+        if taken {
             // Another replica may have finished a refresh between our read and the lease.
             match ctx.db.get_tokens(integration.id).await? {
                 Some(latest) if latest.generation == sealed.generation => {
-                    return refresh_leased(
-                        ctx,
-                        integration,
-                        &trigger,
-                        latest,
+                    let leased = Leased {
+                        lease: &lease,
+                        sealed: latest,
                         current,
-                        actor,
-                        client,
-                    )
-                    .await;
+                    };
+                    return refresh_leased(ctx, &integration, &trigger, leased, &actor, &client)
+                        .await;
                 }
                 _ => {
-                    ctx.db.release_token_lease(integration.id, owner).await?;
+                    ctx.db.release_token_lease(integration.id, &lease).await?;
                     continue;
                 }
             }
+        }
+        // Another replica is refreshing: a token that still works for a while is good enough
+        // meanwhile; one about to expire is not worth handing out, so wait for the new one.
+        let usable = current
+            .expires_at
+            .is_none_or(|expires| expires - USABLE_WHILE_WAITING > now);
+        if usable && !matches!(trigger, Trigger::Rejected { .. }) {
+            return Ok(current);
         }
         if Instant::now() >= deadline {
             return Err(ServiceError::ProviderUnavailable {
@@ -276,6 +368,44 @@ pub async fn ensure_fresh(
         let pause = rand::thread_rng().gen_range(20..60);
         tokio::time::sleep(StdDuration::from_millis(pause)).await;
     }
+}
+
+fn still_valid_or_unavailable(
+    current: TokenSet,
+    now: DateTime<Utc>,
+    wait_until: DateTime<Utc>,
+    why: &str,
+) -> ServiceResult<TokenSet> {
+    if current.expires_at.is_none_or(|expires| expires > now) {
+        return Ok(current);
+    }
+    let seconds = (wait_until - now).num_seconds().clamp(1, 86_400);
+    Err(ServiceError::ProviderUnavailable {
+        detail: why.to_owned(),
+        retry_after_seconds: u64::try_from(seconds).unwrap_or(1),
+    })
+}
+
+/// Nothing to refresh with: a rejected or expired token means the user must reconnect; a mere
+/// "refresh now" changes nothing.
+async fn no_refresh_token(
+    ctx: &Context,
+    integration: &Integration,
+    trigger: &Trigger,
+    actor: &str,
+    client: &RequestContext,
+) -> ServiceResult<TokenSet> {
+    if matches!(trigger, Trigger::Rejected { access_token: None }) {
+        return Err(ServiceError::RefreshUnavailable);
+    }
+    give_up(
+        ctx,
+        integration,
+        "the token cannot be used and the provider issued no refresh token",
+        actor,
+        client,
+    )
+    .await
 }
 
 fn needs_refresh(
@@ -291,8 +421,12 @@ fn needs_refresh(
             .is_some_and(|expires| expires - margin <= now)
     };
     match trigger {
-        Trigger::OnDemand => expiring_within(skew(current, sealed, settings)),
-        Trigger::Background { window } => expiring_within(*window),
+        Trigger::OnDemand => expiring_within(skew(settings.refresh_skew, current, sealed)),
+        // The worker's window, but never more than half the token's lifetime: a token living
+        // less than the window would otherwise be refreshed on every tick.
+        Trigger::Background { window } => {
+            expiring_within(background_margin(*window, current, sealed))
+        }
         Trigger::Rejected { access_token } => {
             let still_current = access_token.as_ref().is_none_or(|rejected| {
                 bool::from(
@@ -310,83 +444,90 @@ fn needs_refresh(
 
 /// The refresh margin: the configured skew, but never more than a quarter of the token's
 /// lifetime, so short-lived tokens are not refreshed on every call.
-fn skew(current: &TokenSet, sealed: &SealedTokens, settings: &LifecycleSettings) -> Duration {
+fn skew(configured: Duration, current: &TokenSet, sealed: &SealedTokens) -> Duration {
     match current.expires_at {
-        Some(expires) => settings.refresh_skew.min((expires - sealed.updated_at) / 4),
+        Some(expires) => configured.min((expires - sealed.updated_at) / 4),
         None => Duration::zero(),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// When the background worker should refresh: within `window` of expiry, at most half-way.
+fn background_margin(window: Duration, current: &TokenSet, sealed: &SealedTokens) -> Duration {
+    match current.expires_at {
+        Some(expires) => window.min((expires - sealed.updated_at) / 2),
+        None => Duration::zero(),
+    }
+}
+
+/// The time from which the background worker refreshes these tokens (`None`: never).
+pub fn background_due_at(window: Duration, sealed: &SealedTokens) -> Option<DateTime<Utc>> {
+    let expires = sealed.expires_at?;
+    Some(expires - window.min((expires - sealed.updated_at) / 2))
+}
+
+/// The lease this refresher holds and what it saw when taking it.
+struct Leased<'a> {
+    lease: &'a str,
+    sealed: SealedTokens,
+    current: TokenSet,
+}
+
 async fn refresh_leased(
     ctx: &Context,
     integration: &Integration,
     trigger: &Trigger,
-    sealed: SealedTokens,
-    current: TokenSet,
+    leased: Leased<'_>,
     actor: &str,
     client: &RequestContext,
 ) -> ServiceResult<TokenSet> {
-    let owner = &*ctx.instance_id;
-    let Some(provider) = ctx.providers.get(&integration.provider) else {
-        ctx.db.release_token_lease(integration.id, owner).await?;
-        return Err(ServiceError::UnknownProvider(integration.provider.clone()));
+    let provider = match ctx.providers.get(&integration.provider) {
+        Some(provider) if provider.credentials().is_some() => provider,
+        Some(provider) => {
+            ctx.db
+                .release_token_lease(integration.id, leased.lease)
+                .await?;
+            return Err(ServiceError::ProviderNotConfigured {
+                provider: integration.provider.clone(),
+                missing: provider.missing_variables(),
+            });
+        }
+        None => {
+            ctx.db
+                .release_token_lease(integration.id, leased.lease)
+                .await?;
+            return Err(ServiceError::UnknownProvider(integration.provider.clone()));
+        }
     };
-    let Some(credentials) = provider.credentials() else {
-        ctx.db.release_token_lease(integration.id, owner).await?;
-        return Err(ServiceError::ProviderNotConfigured {
-            provider: integration.provider.clone(),
-            missing: provider.missing_variables(),
-        });
-    };
-    let Some(refresh_token) = current.refresh_token.clone() else {
-        ctx.db.release_token_lease(integration.id, owner).await?;
+    let (Some(credentials), Some(refresh_token)) =
+        (provider.credentials(), leased.current.refresh_token.clone())
+    else {
+        ctx.db
+            .release_token_lease(integration.id, leased.lease)
+            .await?;
         return Err(reauth(integration));
     };
     let endpoint = provider.definition.token_endpoint();
+    let grant = || TokenGrant::RefreshToken {
+        refresh_token: &refresh_token,
+    };
     let started = Instant::now();
-    let mut result = request_token(
-        &ctx.http,
-        &endpoint,
-        &credentials,
-        TokenGrant::RefreshToken {
-            refresh_token: &refresh_token,
-        },
-    )
-    .await;
-    if let Some(pause) = quick_retry_pause(&result, started.elapsed()) {
+    let mut result = request_token(&ctx.http, &endpoint, &credentials, grant()).await;
+    let strict = provider.definition.refresh_rotation == RefreshRotation::Strict;
+    if let Some(pause) = quick_retry_pause(&result, started.elapsed()).filter(|_| !strict) {
         tokio::time::sleep(pause).await;
-        result = request_token(
-            &ctx.http,
-            &endpoint,
-            &credentials,
-            TokenGrant::RefreshToken {
-                refresh_token: &refresh_token,
-            },
-        )
-        .await;
+        result = request_token(&ctx.http, &endpoint, &credentials, grant()).await;
     }
     match result {
-        Ok(response) => store_refreshed(ctx, integration, current, response, actor, client).await,
-        Err(err) => {
-            refresh_failed(
-                ctx,
-                integration,
-                trigger,
-                &sealed,
-                current,
-                err,
-                actor,
-                client,
-            )
-            .await
+        Ok(response) => {
+            store_refreshed(ctx, integration, provider, leased, response, actor, client).await
         }
+        Err(err) => refresh_failed(ctx, integration, trigger, leased, err, actor, client).await,
     }
 }
 
 /// One quick in-request retry, only for fast transient failures (connection refused, 5xx,
-/// 429 with a short Retry-After): a slow failure (timeout) has an unknown outcome and the
-/// caller's deadline is near.
+/// 429 with a short Retry-After) and never for strict-rotation providers (the failed attempt
+/// may have rotated the token): a slow failure (timeout) has an unknown outcome.
 fn quick_retry_pause(
     result: &Result<TokenResponse, TokenError>,
     elapsed: StdDuration,
@@ -406,61 +547,81 @@ fn quick_retry_pause(
 async fn store_refreshed(
     ctx: &Context,
     integration: &Integration,
-    current: TokenSet,
+    provider: &crate::providers::Provider,
+    leased: Leased<'_>,
     response: TokenResponse,
     actor: &str,
     client: &RequestContext,
 ) -> ServiceResult<TokenSet> {
     let now = ctx.clock.now();
     let rotated = response.refresh_token.is_some();
+    let reported_scopes = response.scope.as_deref().map(|raw| {
+        super::flow::reported_scopes(&provider.definition, raw, &integration.granted_scopes)
+    });
     let fresh = TokenSet {
         access_token: response.access_token,
         // Google usually sends no refresh token on refresh: keep the old one, never null (F3).
-        refresh_token: response.refresh_token.or(current.refresh_token),
-        id_token: response.id_token.or(current.id_token),
+        refresh_token: response.refresh_token.or(leased.current.refresh_token),
+        // The ID token validated at connect time stays: a refreshed one is not re-validated.
+        id_token: leased.current.id_token,
         token_type: "Bearer".to_owned(),
         expires_at: response
             .expires_in
             .map(|seconds| now + Duration::seconds(seconds)),
-        refresh_token_expires_at: current.refresh_token_expires_at,
+        refresh_token_expires_at: leased.current.refresh_token_expires_at,
     };
     let owner = TokenOwner {
         integration_id: integration.id,
         user_id: &integration.user_id,
     };
     let sealed = ctx.vault.seal(owner, &fresh, now)?;
-    ctx.db.store_refreshed_tokens(&sealed).await?;
+    if commit_refreshed(ctx, &sealed).await?.is_none() {
+        tracing::warn!(integration = %integration.id, "refreshed tokens for an integration disconnected meanwhile");
+        return Err(ServiceError::IntegrationRevoked);
+    }
     ctx.db
         .mark_integration_refreshed(integration.id, now)
         .await?;
-    let event = audit::event(
-        "token_refreshed",
-        Outcome::Success,
-        Some(actor),
-        Some(&integration.user_id),
-        client,
-        now,
-    )
-    .provider(&integration.provider)
-    .integration(Some(integration.id))
-    .details(json!({"refresh_token_rotated": rotated, "expires_at": fresh.expires_at}));
+    if let Some(scopes) = reported_scopes.filter(|scopes| *scopes != integration.granted_scopes) {
+        ctx.db
+            .set_granted_scopes(integration.id, &scopes, now)
+            .await?;
+    }
+    let event = audit::event("token_refreshed", Outcome::Success, Some(actor), Some(&integration.user_id), client, now)
+        .provider(&integration.provider)
+        .integration(Some(integration.id))
+        .details(json!({"refresh_token_rotated": rotated, "expires_at": fresh.expires_at, "previous_generation": leased.sealed.generation}));
     audit::record(ctx, &event).await;
     Ok(fresh)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Commits refreshed tokens, retrying a few times: after a rotation they are the only working
+/// copy, so a passing database hiccup must not lose them.
+async fn commit_refreshed(ctx: &Context, sealed: &SealedTokens) -> ServiceResult<Option<i64>> {
+    let mut pause = StdDuration::from_millis(50);
+    for _ in 0..4 {
+        match ctx.db.store_refreshed_tokens(sealed).await {
+            Ok(generation) => return Ok(generation),
+            Err(err) => {
+                tracing::error!(integration = %sealed.integration_id, error = %err, "storing refreshed tokens failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 4;
+            }
+        }
+    }
+    Ok(ctx.db.store_refreshed_tokens(sealed).await?)
+}
+
 async fn refresh_failed(
     ctx: &Context,
     integration: &Integration,
     trigger: &Trigger,
-    sealed: &SealedTokens,
-    current: TokenSet,
+    leased: Leased<'_>,
     err: TokenError,
     actor: &str,
     client: &RequestContext,
 ) -> ServiceResult<TokenSet> {
     let now = ctx.clock.now();
-    let owner = &*ctx.instance_id;
     let class = err.class();
     let event = audit::event(
         "token_refresh_failed",
@@ -475,16 +636,20 @@ async fn refresh_failed(
     .reason(failure_reason(class))
     .details(json!({"error": err.to_string()}));
     audit::record(ctx, &event).await;
+    let failures = u32::try_from(leased.sealed.refresh_failures).unwrap_or(0);
+    let retry_at = now + backoff(failures, err.retry_after());
     match class {
         FailureClass::InvalidGrant => {
             // A sibling may have rotated the token with ours a moment ago: re-read once.
-            if let Some(latest) = ctx.db.get_tokens(integration.id).await? {
-                if latest.generation != sealed.generation {
-                    ctx.db.release_token_lease(integration.id, owner).await?;
-                    return Ok(ctx.vault.open(&integration.user_id, &latest)?);
-                }
+            let latest = ctx.db.get_tokens(integration.id).await?;
+            ctx.db
+                .release_token_lease(integration.id, leased.lease)
+                .await?;
+            if let Some(latest) =
+                latest.filter(|latest| latest.generation != leased.sealed.generation)
+            {
+                return Ok(ctx.vault.open(&integration.user_id, &latest)?);
             }
-            ctx.db.release_token_lease(integration.id, owner).await?;
             give_up(
                 ctx,
                 integration,
@@ -497,7 +662,9 @@ async fn refresh_failed(
         FailureClass::InvalidClient => {
             tracing::error!(provider = %integration.provider, error = %err,
                 "the provider rejected this service's client credentials: fix the configuration; users' integrations are left untouched");
-            ctx.db.release_token_lease(integration.id, owner).await?;
+            ctx.db
+                .record_refresh_failure(integration.id, leased.lease, retry_at)
+                .await?;
             ctx.db
                 .record_integration_error(integration.id, "provider_misconfigured", now)
                 .await?;
@@ -506,27 +673,25 @@ async fn refresh_failed(
             })
         }
         FailureClass::Transient | FailureClass::Other => {
-            let failures = u32::try_from(sealed.refresh_failures).unwrap_or(0);
             ctx.db
-                .record_refresh_failure(
-                    integration.id,
-                    owner,
-                    now + backoff(failures, err.retry_after()),
-                )
+                .record_refresh_failure(integration.id, leased.lease, retry_at)
                 .await?;
             ctx.db
                 .record_integration_error(integration.id, &format!("refresh failed: {err}"), now)
                 .await?;
-            let still_valid = current.expires_at.is_none_or(|expires| expires > now);
-            if still_valid && !matches!(trigger, Trigger::Rejected { .. }) {
-                tracing::warn!(integration = %integration.id, error = %err, "refresh failed; serving the still-valid token");
-                return Ok(current);
+            if !matches!(trigger, Trigger::Rejected { .. }) {
+                tracing::warn!(integration = %integration.id, error = %err, "refresh failed");
+                return still_valid_or_unavailable(
+                    leased.current,
+                    now,
+                    retry_at,
+                    &format!("the provider could not refresh the token: {err}"),
+                );
             }
             Err(ServiceError::ProviderUnavailable {
                 detail: format!("the provider could not refresh the token: {err}"),
-                retry_after_seconds: err
-                    .retry_after()
-                    .map_or(5, |wait| wait.as_secs().clamp(1, 300)),
+                retry_after_seconds: u64::try_from((retry_at - now).num_seconds().clamp(1, 86_400))
+                    .unwrap_or(5),
             })
         }
     }
@@ -583,10 +748,6 @@ pub fn backoff(failures: u32, retry_after: Option<StdDuration>) -> Duration {
     Duration::seconds(seconds.max(hinted.min(86_400)))
 }
 
-fn to_std(duration: Duration) -> StdDuration {
-    duration.to_std().unwrap_or(StdDuration::from_secs(1))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -613,6 +774,7 @@ mod tests {
             created_at: issued,
             updated_at: issued,
             refresh_failures: 0,
+            refresh_not_before: None,
         };
         (tokens, sealed)
     }

@@ -69,6 +69,7 @@ impl TokenVault {
             created_at: now,
             updated_at: now,
             refresh_failures: 0,
+            refresh_not_before: None,
         })
     }
 

@@ -4,7 +4,7 @@
 //! replicas share the work, because each due integration is claimed with a lease
 //! (PostgreSQL: `FOR UPDATE SKIP LOCKED`), the same lease on-demand refreshes take.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -15,12 +15,12 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-use super::audit::RequestContext;
-use super::disconnect;
-use super::tokens::{ensure_fresh, Trigger};
+use super::audit::{self, RequestContext};
+use super::disconnect::{self, ProviderRevocation};
+use super::tokens::{background_due_at, backoff, refresh_claimed, WORKER_ACTOR};
 use super::Context;
+use crate::storage::audit::Outcome;
 
-const SYSTEM_ACTOR: &str = "system:refresher";
 /// Expired authorization requests are kept this long for replayed callbacks, then purged.
 const STATE_RETENTION: Duration = Duration::hours(1);
 
@@ -49,9 +49,13 @@ impl Default for WorkerSettings {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct TickReport {
     pub refreshed: u64,
+    /// Claimed but not due yet (short-lived tokens are refreshed half-way through their life).
+    pub not_due: u64,
     pub refresh_failed: u64,
     pub revocations_attempted: u64,
     pub states_purged: u64,
+    /// Audit rows deleted by retention (`OAUTH_AUDIT_RETENTION_DAYS`).
+    pub audit_rows_pruned: u64,
 }
 
 /// Runs ticks every `interval` (with jitter, so replicas drift apart) until `shutdown`.
@@ -71,7 +75,8 @@ pub async fn run(ctx: Context, settings: WorkerSettings, shutdown: impl Future<O
     }
 }
 
-/// One pass: refresh everything due, retry due revocations, purge old requests.
+/// One pass: refresh everything due, retry due revocations, purge old requests, prune the
+/// audit log past its retention.
 pub async fn tick(ctx: &Context, settings: &WorkerSettings) -> TickReport {
     let mut report = TickReport::default();
     refresh_due(ctx, settings, &mut report).await;
@@ -84,7 +89,18 @@ pub async fn tick(ctx: &Context, settings: &WorkerSettings) -> TickReport {
         Ok(purged) => report.states_purged = purged,
         Err(err) => tracing::warn!(error = %err, "purging expired authorization requests failed"),
     }
+    match audit::prune_expired(ctx).await {
+        Ok(pruned) => report.audit_rows_pruned = pruned,
+        Err(err) => tracing::warn!(error = %err, "pruning the audit log failed"),
+    }
     report
+}
+
+/// What happened to one claimed integration.
+enum Refreshed {
+    Yes,
+    NotDue,
+    Failed,
 }
 
 async fn refresh_due(ctx: &Context, settings: &WorkerSettings, report: &mut TickReport) {
@@ -98,13 +114,17 @@ async fn refresh_due(ctx: &Context, settings: &WorkerSettings, report: &mut Tick
             )
         })
         .collect();
+    // This tick's claims carry their own token: releasing them can never touch a lease that
+    // an on-demand refresh took meanwhile.
+    let claim = format!("{}:tick-{}", ctx.instance_id, Uuid::new_v4());
+    let mut seen = HashSet::new();
     let mut tasks = JoinSet::new();
     loop {
         let now = ctx.clock.now();
         let claimed = ctx
             .db
             .claim_due_refreshes(
-                &ctx.instance_id,
+                &claim,
                 now,
                 now + settings.window,
                 now + ctx.lifecycle.lease,
@@ -118,9 +138,14 @@ async fn refresh_due(ctx: &Context, settings: &WorkerSettings, report: &mut Tick
                 break;
             }
         };
-        let last_batch = i64::try_from(ids.len()).unwrap_or(0) < settings.batch;
-        for id in ids {
-            spawn_refresh(&mut tasks, ctx, settings, &semaphores, id).await;
+        let fresh: Vec<Uuid> = ids.into_iter().filter(|id| seen.insert(*id)).collect();
+        // Nothing new: every row still due was already handled (and deferred) in this tick.
+        if fresh.is_empty() {
+            break;
+        }
+        let last_batch = i64::try_from(fresh.len()).unwrap_or(0) < settings.batch;
+        for id in fresh {
+            spawn_refresh(&mut tasks, ctx, settings, &semaphores, id, &claim).await;
             while let Some(done) = tasks.try_join_next() {
                 count(report, done);
             }
@@ -135,18 +160,27 @@ async fn refresh_due(ctx: &Context, settings: &WorkerSettings, report: &mut Tick
 }
 
 async fn spawn_refresh(
-    tasks: &mut JoinSet<bool>,
+    tasks: &mut JoinSet<Refreshed>,
     ctx: &Context,
     settings: &WorkerSettings,
     semaphores: &HashMap<String, Arc<Semaphore>>,
     id: Uuid,
+    claim: &str,
 ) {
     let integration = match ctx.db.get_integration(id).await {
         Ok(Some(integration)) => integration,
-        _ => return,
+        _ => {
+            let _ = ctx.db.release_token_lease(id, claim).await;
+            return;
+        }
     };
     let Some(semaphore) = semaphores.get(&integration.provider).cloned() else {
-        let _ = ctx.db.release_token_lease(id, &ctx.instance_id).await;
+        // A provider no longer configured: look again much later, not every tick.
+        let _ = ctx.db.release_token_lease(id, claim).await;
+        let _ = ctx
+            .db
+            .defer_refresh(id, ctx.clock.now() + Duration::hours(1))
+            .await;
         return;
     };
     // Waiting here (not in the task) bounds the number of tasks as well as the requests.
@@ -154,22 +188,50 @@ async fn spawn_refresh(
         return;
     };
     let ctx = ctx.clone();
-    let trigger = Trigger::Background {
-        window: settings.window,
-    };
+    let window = settings.window;
+    let claim = claim.to_owned();
     tasks.spawn(async move {
         let _permit = permit;
-        let client = RequestContext::default();
-        let result = ensure_fresh(&ctx, &integration, trigger, SYSTEM_ACTOR, &client).await;
-        // Not refreshed after all (already fresh, or failed): the claim must not linger.
-        let _ = ctx.db.release_token_lease(id, &ctx.instance_id).await;
-        result.is_ok()
+        let before = ctx
+            .db
+            .get_tokens(id)
+            .await
+            .ok()
+            .flatten()
+            .map(|sealed| sealed.generation);
+        let result = refresh_claimed(&ctx, &integration, window, &claim).await;
+        let after = ctx.db.get_tokens(id).await.ok().flatten();
+        let now = ctx.clock.now();
+        match (result, after) {
+            (Ok(_), Some(after)) if Some(after.generation) != before => Refreshed::Yes,
+            (Ok(_), Some(after)) => {
+                // Not due yet (a short-lived token is refreshed half-way, not at the window):
+                // look again when it is.
+                if let Some(due) = background_due_at(window, &after).filter(|due| *due > now) {
+                    let _ = ctx.db.defer_refresh(id, due).await;
+                }
+                Refreshed::NotDue
+            }
+            (Ok(_), None) => Refreshed::NotDue,
+            (Err(_), after) => {
+                // Every failure class backs off, so nothing is retried on every tick.
+                let failures = after.map_or(0, |sealed| {
+                    u32::try_from(sealed.refresh_failures).unwrap_or(0)
+                });
+                let _ = ctx
+                    .db
+                    .defer_refresh(id, now + backoff(failures, None))
+                    .await;
+                Refreshed::Failed
+            }
+        }
     });
 }
 
-fn count(report: &mut TickReport, done: Result<bool, tokio::task::JoinError>) {
+fn count(report: &mut TickReport, done: Result<Refreshed, tokio::task::JoinError>) {
     match done {
-        Ok(true) => report.refreshed += 1,
+        Ok(Refreshed::Yes) => report.refreshed += 1,
+        Ok(Refreshed::NotDue) => report.not_due += 1,
         _ => report.refresh_failed += 1,
     }
 }
@@ -187,7 +249,7 @@ async fn retry_revocations(ctx: &Context, settings: &WorkerSettings, report: &mu
         }
     };
     for queued in due {
-        disconnect::attempt(
+        let outcome = disconnect::attempt(
             ctx,
             &queued.provider,
             &queued.user_id,
@@ -196,5 +258,24 @@ async fn retry_revocations(ctx: &Context, settings: &WorkerSettings, report: &mu
         )
         .await;
         report.revocations_attempted += 1;
+        let settled = match outcome {
+            ProviderRevocation::Revoked => Some(Outcome::Success),
+            ProviderRevocation::Abandoned => Some(Outcome::Failure),
+            _ => None,
+        };
+        if let Some(settled) = settled {
+            let event = audit::event(
+                "provider_revocation",
+                settled,
+                Some(WORKER_ACTOR),
+                Some(&queued.user_id),
+                &RequestContext::default(),
+                ctx.clock.now(),
+            )
+            .provider(&queued.provider)
+            .integration(Some(queued.tokens.integration_id))
+            .details(serde_json::json!({"outcome": outcome.as_str(), "attempts": queued.revoke_attempts + 1}));
+            audit::record(ctx, &event).await;
+        }
     }
 }

@@ -73,4 +73,22 @@ impl Database {
             .await)?;
         Ok(Paged::from_rows(rows, page.limit, |consent| consent.id))
     }
+
+    pub async fn get_consent(&self, id: Uuid) -> StorageResult<Option<Consent>> {
+        let sql = format!("SELECT {COLUMNS} FROM oauth_consents WHERE id = $1");
+        Ok(with_pool!(self, pool => sqlx::query_as(&sql).bind(id).fetch_optional(pool).await)?)
+    }
+
+    /// Marks a consent withdrawn; false when it already was.
+    pub async fn withdraw_consent(&self, id: Uuid, now: DateTime<Utc>) -> StorageResult<bool> {
+        let sql =
+            "UPDATE oauth_consents SET withdrawn_at = $2 WHERE id = $1 AND withdrawn_at IS NULL";
+        let changed = with_pool!(self, pool => sqlx::query(sql)
+            .bind(id)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(changed == 1)
+    }
 }

@@ -313,6 +313,19 @@ impl Database {
         Ok(())
     }
 
+    /// The provider reported a different granted set (a scope revoked at the provider, say).
+    pub async fn set_granted_scopes(
+        &self,
+        id: Uuid,
+        scopes: &[String],
+        now: DateTime<Utc>,
+    ) -> StorageResult<()> {
+        let sql =
+            "UPDATE oauth_integrations SET granted_scopes = $2, updated_at = $3 WHERE id = $1";
+        with_pool!(self, pool => sqlx::query(sql).bind(id).bind(Json(scopes)).bind(now).execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
     /// A successful refresh: clears the last error.
     pub async fn mark_integration_refreshed(
         &self,
@@ -359,6 +372,42 @@ impl Database {
             sqlx::query(tokens_sql).bind(id).bind(now).execute(&mut *tx).await?;
             tx.commit().await?;
             Ok(())
+        })
+    }
+}
+
+/// What an erasure deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ErasedRows {
+    pub integrations: u64,
+    pub tokens: u64,
+    pub consents: u64,
+    pub pending_authorizations: u64,
+}
+
+impl Database {
+    /// Deletes everything stored about a user except the audit log, in one transaction.
+    pub async fn erase_user_data(&self, user_id: &str) -> StorageResult<ErasedRows> {
+        let statements = [
+            "DELETE FROM oauth_state WHERE user_id = $1",
+            "DELETE FROM oauth_consents WHERE user_id = $1",
+            "DELETE FROM oauth_tokens WHERE integration_id IN \
+             (SELECT id FROM oauth_integrations WHERE user_id = $1)",
+            "DELETE FROM oauth_integrations WHERE user_id = $1",
+        ];
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let mut counts = [0u64; 4];
+            for (count, sql) in counts.iter_mut().zip(statements) {
+                *count = sqlx::query(sql).bind(user_id).execute(&mut *tx).await?.rows_affected();
+            }
+            tx.commit().await?;
+            Ok(ErasedRows {
+                pending_authorizations: counts[0],
+                consents: counts[1],
+                tokens: counts[2],
+                integrations: counts[3],
+            })
         })
     }
 }

@@ -30,6 +30,33 @@ impl Database {
             .await)?)
     }
 
+    /// Every provider's catalog.
+    pub async fn list_all_scopes(&self) -> StorageResult<Vec<ScopeEntry>> {
+        let sql = format!("SELECT {COLUMNS} FROM oauth_scopes ORDER BY provider, scope");
+        Ok(with_pool!(self, pool => sqlx::query_as(&sql).fetch_all(pool).await)?)
+    }
+
+    /// Adds a catalog entry unless one exists (seeding keeps operators' edits).
+    pub async fn insert_scope_if_absent(&self, entry: &ScopeEntry) -> StorageResult<bool> {
+        let sql = format!(
+            "INSERT INTO oauth_scopes ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (provider, scope) DO NOTHING"
+        );
+        let inserted = with_pool!(self, pool => sqlx::query(&sql)
+            .bind(&entry.provider)
+            .bind(&entry.scope)
+            .bind(&entry.description)
+            .bind(&entry.sensitivity)
+            .bind(&entry.features)
+            .bind(entry.is_default)
+            .bind(entry.created_at)
+            .bind(entry.updated_at)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(inserted == 1)
+    }
+
     /// Adds a catalog entry or replaces its description, sensitivity, features and default flag.
     pub async fn upsert_scope(&self, entry: &ScopeEntry) -> StorageResult<()> {
         let sql = format!(

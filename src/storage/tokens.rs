@@ -23,6 +23,8 @@ pub struct SealedTokens {
     pub updated_at: DateTime<Utc>,
     /// Consecutive transient refresh failures (drives the back-off).
     pub refresh_failures: i32,
+    /// No refresh before this time (back-off after a failure, or not due yet).
+    pub refresh_not_before: Option<DateTime<Utc>>,
 }
 
 /// A token row with the user id of its integration.
@@ -65,7 +67,7 @@ pub(crate) use upsert_tokens_query;
 
 pub(crate) const COLUMNS: &str =
     "integration_id, key_id, access_token, refresh_token, id_token, token_type, \
-    expires_at, refresh_token_expires_at, generation, created_at, updated_at, refresh_failures";
+    expires_at, refresh_token_expires_at, generation, created_at, updated_at, refresh_failures, refresh_not_before";
 
 impl Database {
     /// Inserts or replaces the token set of an integration; the stored generation becomes
@@ -145,16 +147,38 @@ impl Database {
         now: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> StorageResult<bool> {
-        // The owner may re-take its own lease: the in-process lock already serialises this
-        // process's refreshers, and the background worker claims leases ahead of refreshing.
+        // Each acquisition has its own owner token, so nobody can release or re-take a
+        // lease that is not theirs.
         let sql = "UPDATE oauth_tokens SET lease_owner = $2, lease_until = $3 \
                    WHERE integration_id = $1 AND revoke_requested_at IS NULL \
-                   AND (lease_until IS NULL OR lease_until <= $4 OR lease_owner = $2)";
+                   AND (lease_until IS NULL OR lease_until <= $4)";
         let affected = with_pool!(self, pool => sqlx::query(sql)
             .bind(integration_id)
             .bind(owner)
             .bind(until)
             .bind(now)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(affected == 1)
+    }
+
+    /// Hands a held lease (the worker's claim) over to a new owner, atomically: no one else
+    /// can slip in between. False when `from` no longer holds it.
+    pub async fn transfer_token_lease(
+        &self,
+        integration_id: Uuid,
+        from: &str,
+        to: &str,
+        until: DateTime<Utc>,
+    ) -> StorageResult<bool> {
+        let sql = "UPDATE oauth_tokens SET lease_owner = $3, lease_until = $4 \
+                   WHERE integration_id = $1 AND lease_owner = $2 AND revoke_requested_at IS NULL";
+        let affected = with_pool!(self, pool => sqlx::query(sql)
+            .bind(integration_id)
+            .bind(from)
+            .bind(to)
+            .bind(until)
             .execute(pool)
             .await
             .map(|done| done.rows_affected()))?;
@@ -176,12 +200,16 @@ impl Database {
     /// Stores refreshed tokens and releases the lease in one statement. Deliberately not
     /// conditional on still holding the lease: a rotated refresh token is the only one that
     /// works now, and losing it would lose the connection.
-    pub async fn store_refreshed_tokens(&self, tokens: &SealedTokens) -> StorageResult<i64> {
+    pub async fn store_refreshed_tokens(
+        &self,
+        tokens: &SealedTokens,
+    ) -> StorageResult<Option<i64>> {
         let sql = "UPDATE oauth_tokens SET key_id = $2, access_token = $3, refresh_token = $4, \
                    id_token = $5, token_type = $6, expires_at = $7, refresh_token_expires_at = $8, \
                    updated_at = $9, generation = generation + 1, lease_owner = NULL, \
                    lease_until = NULL, refresh_failures = 0, refresh_not_before = NULL \
                    WHERE integration_id = $1 RETURNING generation";
+        // `None`: the row is gone (the integration was disconnected meanwhile).
         Ok(with_pool!(self, pool => sqlx::query_scalar(sql)
             .bind(tokens.integration_id)
             .bind(&tokens.key_id)
@@ -192,8 +220,20 @@ impl Database {
             .bind(tokens.expires_at)
             .bind(tokens.refresh_token_expires_at)
             .bind(tokens.updated_at)
-            .fetch_one(pool)
+            .fetch_optional(pool)
             .await)?)
+    }
+
+    /// No refresh attempt before `not_before` (not due yet, or backing off), without counting
+    /// a failure.
+    pub async fn defer_refresh(
+        &self,
+        integration_id: Uuid,
+        not_before: DateTime<Utc>,
+    ) -> StorageResult<()> {
+        let sql = "UPDATE oauth_tokens SET refresh_not_before = $2 WHERE integration_id = $1";
+        with_pool!(self, pool => sqlx::query(sql).bind(integration_id).bind(not_before).execute(pool).await.map(|_| ()))?;
+        Ok(())
     }
 
     /// A transient refresh failure: release the lease and back off until `not_before`.
@@ -289,20 +329,40 @@ impl Database {
     pub async fn postpone_revocation(
         &self,
         integration_id: Uuid,
+        generation: i64,
         not_before: DateTime<Utc>,
         error: &str,
     ) -> StorageResult<()> {
         let sql = "UPDATE oauth_tokens SET revoke_attempts = revoke_attempts + 1, \
                    revoke_not_before = $2, revoke_last_error = $3 \
-                   WHERE integration_id = $1 AND revoke_requested_at IS NOT NULL";
+                   WHERE integration_id = $1 AND revoke_requested_at IS NOT NULL AND generation = $4";
         with_pool!(self, pool => sqlx::query(sql)
             .bind(integration_id)
             .bind(not_before)
             .bind(error)
+            .bind(generation)
             .execute(pool)
             .await
             .map(|_| ()))?;
         Ok(())
+    }
+
+    /// Deletes a queued token row once its revocation is settled — only if it is still the
+    /// queued row seen (`generation`): a reconnect meanwhile replaced it with live tokens.
+    pub async fn delete_queued_tokens(
+        &self,
+        integration_id: Uuid,
+        generation: i64,
+    ) -> StorageResult<bool> {
+        let sql = "DELETE FROM oauth_tokens WHERE integration_id = $1 AND generation = $2 \
+                   AND revoke_requested_at IS NOT NULL";
+        let deleted = with_pool!(self, pool => sqlx::query(sql)
+            .bind(integration_id)
+            .bind(generation)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(deleted == 1)
     }
 
     /// Deletes an integration's tokens (after revocation, or when nothing is left to revoke):

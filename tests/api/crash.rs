@@ -42,7 +42,8 @@ fn start_server(app: &TestApp) -> Server {
         .env("OAUTH_PUBLIC_URL", "https://oauth.example.test")
         .env("OAUTH_LISTEN_ADDR", "127.0.0.1:0")
         .env("OAUTH_BACKGROUND_REFRESH", "false")
-        .env("OAUTH_REFRESH_LEASE_SECONDS", "5")
+        .env("OAUTH_REFRESH_LEASE_SECONDS", "9")
+        .env("OAUTH_PROVIDER_TIMEOUT_SECONDS", "2")
         .env("OAUTH_LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -83,15 +84,22 @@ async fn get_token(app: &TestApp, server: &Server, id: &str) -> reqwest::Respons
 
 #[tokio::test]
 async fn kill_9_mid_refresh_then_restart_leaves_a_working_connection() {
+    // Google keeps its refresh token; Microsoft rotates it but keeps the old one valid.
+    for (provider, subject) in [("google", "g-1"), ("microsoft", "oid-1")] {
+        kill_9_mid_refresh(provider, subject).await;
+    }
+}
+
+async fn kill_9_mid_refresh(provider: &str, subject: &str) {
     let (app, fake) = spawn_with_fake().await;
     // Tokens that expire in real time, for the real process's clock.
-    fake.set_access_token_lifetime("google", 2);
+    fake.set_access_token_lifetime(provider, 2);
     let (_, result) = connect(
         &app,
         &fake,
-        "google",
+        provider,
         "alice",
-        Consent::user("g-1"),
+        Consent::user(subject),
         json!({}),
     )
     .await;
@@ -100,7 +108,7 @@ async fn kill_9_mid_refresh_then_restart_leaves_a_working_connection() {
 
     let server = start_server(&app);
     fake.push_fault(
-        "google",
+        provider,
         Endpoint::Token,
         Fault::Latency(Duration::from_secs(3)),
     );
@@ -118,7 +126,7 @@ async fn kill_9_mid_refresh_then_restart_leaves_a_working_connection() {
         })
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while fake.count_grant("google", "refresh_token") == 0 {
+    while fake.count_grant(provider, "refresh_token") == 0 {
         assert!(
             Instant::now() < deadline,
             "the refresh never reached the provider"
@@ -155,4 +163,61 @@ async fn kill_9_mid_refresh_then_restart_leaves_a_working_connection() {
         .await
         .expect("json");
     assert_eq!(view["status"], "active");
+}
+
+#[tokio::test]
+async fn two_serve_processes_on_one_database_refresh_once() {
+    let (app, fake) = spawn_with_fake().await;
+    // acme rotates refresh tokens strictly and revokes the grant when an old one is replayed.
+    fake.set_access_token_lifetime("acme", 2);
+    let (_, result) = connect(
+        &app,
+        &fake,
+        "acme",
+        "alice",
+        Consent::user("a-1"),
+        json!({}),
+    )
+    .await;
+    let id = result["integration_id"].as_str().expect("id").to_owned();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let servers = [start_server(&app), start_server(&app)];
+    fake.push_fault(
+        "acme",
+        Endpoint::Token,
+        Fault::Latency(Duration::from_millis(300)),
+    );
+    let token = app.token("backend", &["service"]);
+    let mut calls = Vec::new();
+    for n in 0..40 {
+        let url = format!(
+            "{}/api/v1/oauth/integrations/{id}/token",
+            servers[n % 2].base
+        );
+        let token = token.clone();
+        calls.push(tokio::spawn(async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+        }));
+    }
+    for call in calls {
+        assert_eq!(call.await.expect("task").expect("response").status(), 200);
+    }
+    assert_eq!(
+        fake.count_grant("acme", "refresh_token"),
+        1,
+        "one refresh across both processes"
+    );
+    let body: Value = get_token(&app, &servers[1], &id)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        fake.is_token_active(body["access_token"].as_str().expect("token")),
+        "the grant is alive"
+    );
 }

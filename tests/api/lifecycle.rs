@@ -39,7 +39,10 @@ async fn get_token(app: &TestApp, id: &str) -> reqwest::Response {
 
 async fn token_value(app: &TestApp, id: &str) -> String {
     let response = get_token(app, id).await;
-    assert_eq!(response.status(), 200);
+    let status = response.status();
+    if status != 200 {
+        panic!("{status}: {}", response.text().await.unwrap_or_default());
+    }
     let body: Value = response.json().await.expect("json");
     body["access_token"].as_str().expect("token").to_owned()
 }
@@ -152,7 +155,9 @@ async fn two_replicas_on_one_database_refresh_once() {
     let id = connected(&app, &fake, "acme", "a-1").await;
     let other = app.sibling().await;
     for round in 1..=3 {
-        app.clock.advance(Duration::minutes(59));
+        // Seconds before expiry: nobody may hand out the old token meanwhile.
+        app.clock
+            .advance(Duration::minutes(59) + Duration::seconds(45));
         other.clock.set(app.clock.now());
         fake.push_fault(
             "acme",
@@ -272,7 +277,11 @@ async fn transient_failures_keep_the_integration_and_serve_a_still_valid_token()
         (503, Some("provider_unavailable"))
     );
     assert_eq!(status_of(&app, &id).await, "active");
-    // The provider recovers: the next call refreshes.
+    // Callers are not sent to the provider again during the back-off (30 s, doubling: 60 s ± 20 % now).
+    let (status, _) = problem(get_token(&app, &id).await).await;
+    assert_eq!(status, 503);
+    // ...and once it has passed, the provider has recovered: the next call refreshes.
+    app.clock.advance(Duration::seconds(80));
     let fresh = token_value(&app, &id).await;
     assert_ne!(fresh, original);
 }
@@ -539,4 +548,221 @@ async fn a_revocation_the_provider_cannot_take_now_survives_a_restart_and_is_ret
     );
     assert_eq!(fake.count("notion", Endpoint::Revoke), 2);
     assert_eq!(count_rows(&app.db, "oauth_tokens").await, 0);
+}
+
+#[tokio::test]
+async fn a_caller_that_goes_away_mid_refresh_does_not_lose_a_rotated_token() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "acme", "a-1").await;
+    app.clock
+        .advance(Duration::minutes(59) + Duration::seconds(45));
+    fake.push_fault(
+        "acme",
+        Endpoint::Token,
+        Fault::Latency(StdDuration::from_millis(800)),
+    );
+    let impatient = reqwest::Client::builder()
+        .timeout(StdDuration::from_millis(200))
+        .build()
+        .expect("client");
+    let gone = impatient
+        .get(app.url(&format!("/api/v1/oauth/integrations/{id}/token")))
+        .bearer_auth(app.token("backend", &["service"]))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the caller gave up");
+    tokio::time::sleep(StdDuration::from_millis(1500)).await;
+    // The refresh finished anyway and its rotated refresh token was stored (acme revokes the
+    // grant if an old refresh token is ever replayed).
+    assert_eq!(fake.count_grant("acme", "refresh_token"), 1);
+    let stored = stored_tokens(&app, &json!({"integration_id": id}), "alice").await;
+    assert!(fake.is_token_active(stored.refresh_token.expect("rt").expose_secret()));
+    let token = token_value(&app, &id).await;
+    assert!(fake.is_token_active(&token));
+    assert_eq!(
+        fake.count_grant("acme", "refresh_token"),
+        1,
+        "no second refresh"
+    );
+}
+
+#[tokio::test]
+async fn refresh_now_without_a_refresh_token_changes_nothing() {
+    let (app, fake) = spawn_with_fake().await;
+    let mut consent = Consent::user("a-1");
+    consent.granted_scopes = Some(vec!["openid".into(), "email".into()]); // no offline_access
+    let (status, result) = connect(&app, &fake, "acme", "alice", consent, json!({})).await;
+    assert_eq!(status, 200, "{result}");
+    let id = result["integration_id"].as_str().expect("id");
+    app.clock.advance(Duration::seconds(30));
+    let response = app
+        .http
+        .post(app.url(&format!("/api/v1/oauth/integrations/{id}/refresh")))
+        .bearer_auth(app.token("alice", &["user"]))
+        .send()
+        .await
+        .expect("refresh");
+    let (status, body) = problem(response).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("refresh_unavailable"))
+    );
+    assert_eq!(status_of(&app, id).await, "active");
+}
+
+#[tokio::test]
+async fn a_backend_with_only_tokens_read_can_report_a_rejected_token() {
+    let (app, fake) = crate::support::spawn_with_fake_and(&[(
+        "OAUTH_ROLE_PERMISSIONS",
+        r#"{"user": ["integrations:read", "integrations:write"], "backend": ["tokens:read@any"]}"#,
+    )])
+    .await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    let rejected = {
+        let response = app
+            .get_as(
+                &format!("/api/v1/oauth/integrations/{id}/token"),
+                "svc",
+                &["backend"],
+            )
+            .await;
+        let body: Value = response.json().await.expect("json");
+        body["access_token"].as_str().expect("token").to_owned()
+    };
+    app.clock.advance(Duration::seconds(30));
+    let response = app
+        .http
+        .post(app.url(&format!("/api/v1/oauth/integrations/{id}/refresh")))
+        .bearer_auth(app.token("svc", &["backend"]))
+        .json(&json!({"rejected_access_token": rejected}))
+        .send()
+        .await
+        .expect("refresh");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert_ne!(
+        body["token"]["access_token"].as_str().expect("token"),
+        rejected
+    );
+}
+
+#[tokio::test]
+async fn many_callers_meeting_invalid_grant_cause_one_provider_call() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    fake.revoke_all_grants("google", "g-1");
+    app.clock.advance(Duration::minutes(61));
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            let (http, url, token) = (
+                app.http.clone(),
+                app.url(&format!("/api/v1/oauth/integrations/{id}/token")),
+                app.token("backend", &["service"]),
+            );
+            tokio::spawn(async move {
+                http.get(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .expect("request")
+                    .status()
+            })
+        })
+        .collect();
+    for handle in handles {
+        assert_eq!(handle.await.expect("task"), 409);
+    }
+    assert_eq!(
+        fake.count_grant("google", "refresh_token"),
+        1,
+        "the dead refresh token is tried once"
+    );
+    let events = app
+        .db
+        .list_audit_events(
+            Some("alice"),
+            oauth_manager::storage::Page {
+                after: None,
+                limit: 200,
+            },
+        )
+        .await
+        .expect("audit");
+    assert_eq!(
+        events
+            .items
+            .iter()
+            .filter(|e| e.action == "reauth_required")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_provider_that_never_answers_times_out_into_a_503() {
+    let (app, fake) = crate::support::spawn_with_fake_and(&[
+        ("OAUTH_PROVIDER_TIMEOUT_SECONDS", "1"),
+        ("OAUTH_REFRESH_LEASE_SECONDS", "7"),
+    ])
+    .await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    app.clock.advance(Duration::minutes(61));
+    // Google's refresh token survives a lost answer, so one quick retry is allowed: both hang.
+    fake.push_fault("google", Endpoint::Token, Fault::Hang);
+    fake.push_fault("google", Endpoint::Token, Fault::Hang);
+    let started = std::time::Instant::now();
+    let (status, body) = problem(get_token(&app, &id).await).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("provider_unavailable"))
+    );
+    assert!(
+        started.elapsed() < StdDuration::from_secs(5),
+        "bounded by the provider timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status_of(&app, &id).await, "active");
+}
+
+#[tokio::test]
+async fn the_worker_refreshes_short_lived_tokens_half_way_not_on_every_tick() {
+    let (app, fake) = spawn_with_fake().await;
+    fake.set_access_token_lifetime("google", 120);
+    let _id = connected(&app, &fake, "google", "g-1").await;
+    let settings = WorkerSettings::default(); // 10 min window, much longer than the token
+    app.clock.advance(Duration::seconds(10));
+    let early = worker::tick(&app.state.services, &settings).await;
+    assert_eq!((early.refreshed, early.not_due), (0, 1), "{early:?}");
+    let again = worker::tick(&app.state.services, &settings).await;
+    assert_eq!(
+        again.not_due + again.refreshed,
+        0,
+        "deferred until due: {again:?}"
+    );
+    app.clock.advance(Duration::seconds(55));
+    let due = worker::tick(&app.state.services, &settings).await;
+    assert_eq!(due.refreshed, 1, "{due:?}");
+    assert_eq!(fake.count_grant("google", "refresh_token"), 1);
+}
+
+#[tokio::test]
+async fn reconnecting_while_a_revocation_is_queued_keeps_the_new_tokens() {
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "notion", "n-1").await;
+    fake.push_fault("notion", Endpoint::Revoke, Fault::RetryAfter503(60));
+    assert_eq!(
+        disconnect(&app, &id).await["provider_revocation"],
+        "pending"
+    );
+    let again = connected(&app, &fake, "notion", "n-1").await;
+    assert_eq!(again, id, "the same account reactivates its integration");
+    app.clock.advance(Duration::seconds(61));
+    let report = worker::tick(&app.state.services, &WorkerSettings::default()).await;
+    assert_eq!(
+        report.revocations_attempted, 0,
+        "the reconnect superseded the queued revocation"
+    );
+    let token = token_value(&app, &id).await;
+    assert!(fake.is_token_active(&token));
+    assert_eq!(status_of(&app, &id).await, "active");
 }

@@ -4,9 +4,12 @@
 //! by default, or a fresh PostgreSQL schema when `TEST_DATABASE_URL` names a PostgreSQL server
 //! (CI runs the whole binary both ways).
 
+mod audit_chain;
 mod auth;
+mod catalog;
 mod cli;
 mod connect;
+mod consents;
 mod crash;
 mod encryption;
 mod fake_provider_selftest;
@@ -14,6 +17,7 @@ mod health;
 mod integrations;
 mod lifecycle;
 mod migrations;
+mod privacy;
 mod providers;
 mod storage;
 mod support;

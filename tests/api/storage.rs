@@ -78,6 +78,7 @@ async fn token_writes_bump_the_generation_and_cascade_with_the_integration() {
         created_at: now,
         updated_at: now,
         refresh_failures: 0,
+        refresh_not_before: None,
     };
     assert_eq!(app.db.upsert_tokens(&tokens).await.expect("insert"), 1);
     assert_eq!(app.db.upsert_tokens(&tokens).await.expect("update"), 2);
@@ -221,8 +222,9 @@ async fn consents_scopes_and_audit_events_are_stored_and_listed() {
         .await
         .expect("update");
     let scopes = app.db.list_scopes("google").await.expect("scopes");
-    assert_eq!(scopes.len(), 1);
-    assert_eq!(scopes[0].description, "Sign in with Google");
+    let openid: Vec<_> = scopes.iter().filter(|s| s.scope == "openid").collect();
+    assert_eq!(openid.len(), 1, "upsert replaces, never duplicates");
+    assert_eq!(openid[0].description, "Sign in with Google");
 
     for action in ["authorize_started", "callback"] {
         app.db

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::{decode_cursor, encode_cursor};
 use crate::auth::rbac::ReadIntegrations;
 use crate::http::error::ApiError;
-use crate::http::extract::{ApiPath, ApiQuery, Authorized};
+use crate::http::extract::{ApiPath, ApiQuery, Authorized, ClientInfo};
 use crate::http::AppState;
 use crate::services::integrations::{self, ListIntegrations};
 use crate::storage::integrations::{Integration, IntegrationStatus};
@@ -135,7 +135,8 @@ pub async fn get(
     State(state): State<AppState>,
     Authorized(actor): Authorized<ReadIntegrations>,
     ApiPath(id): ApiPath<Uuid>,
+    ClientInfo(client): ClientInfo,
 ) -> Result<Json<IntegrationView>, ApiError> {
-    let integration = integrations::get(&state.services.db, &actor, id).await?;
+    let integration = integrations::visible(&state.services, &actor, id, &client).await?;
     Ok(Json(integration.into()))
 }

@@ -1,11 +1,15 @@
 //! Route handlers: thin adapters from HTTP to services.
 
+pub mod audit;
+pub mod catalog;
 pub mod connect;
+pub mod consents;
 pub mod health;
 pub mod integrations;
 pub mod openapi;
 pub mod providers;
 pub mod tokens;
+pub mod users;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;

@@ -72,7 +72,7 @@ pub struct RefreshResponse {
     pub token: Option<TokenResponse>,
 }
 
-/// Refreshes now (owner, `service` or `admin`). At most one refresh per integration across all
+/// Refreshes now (`tokens:read` or `integrations:read`: backends, owners, `service`, `admin`). At most one refresh per integration across all
 /// callers; a token refreshed in the last 10 seconds is returned as it is.
 #[utoipa::path(post, path = "/api/v1/oauth/integrations/{id}/refresh", tag = "tokens",
     security(("bearer" = [])),
@@ -93,7 +93,6 @@ pub async fn refresh(
     ClientInfo(client): ClientInfo,
     body: axum::body::Bytes,
 ) -> Result<Json<RefreshResponse>, ApiError> {
-    let actor = principal.authorize::<ReadIntegrations>()?;
     let body: RefreshBody = if body.iter().all(u8::is_ascii_whitespace) {
         RefreshBody::default()
     } else {
@@ -101,8 +100,14 @@ pub async fn refresh(
             .map_err(|err| ApiError::bad_request("invalid_body", err.to_string()))?
     };
     let rejected = body.rejected_access_token.map(SecretString::from);
-    let (integration, fresh) =
-        tokens::refresh_now(&state.services, &actor, id, rejected, &client).await?;
+    // Backends holding only tokens:read report rejected tokens; owners and readers may refresh.
+    let (integration, fresh) = match principal.authorize::<ReadTokens>() {
+        Ok(reader) => tokens::refresh_now(&state.services, &reader, id, rejected, &client).await?,
+        Err(_) => {
+            let actor = principal.authorize::<ReadIntegrations>()?;
+            tokens::refresh_now(&state.services, &actor, id, rejected, &client).await?
+        }
+    };
     let may_read_token = principal
         .authorize::<ReadTokens>()
         .is_ok_and(|reader| reader.can_access(&integration.user_id));

@@ -62,6 +62,8 @@ pub fn base_env(database_url: &str, key: &KeyMaterial) -> HashMap<String, String
             "OAUTH_PUBLIC_URL".to_owned(),
             "https://oauth.example.test".to_owned(),
         ),
+        // Tests drive the worker explicitly (`worker::tick`), on the manual clock.
+        ("OAUTH_BACKGROUND_REFRESH".to_owned(), "false".to_owned()),
     ])
 }
 

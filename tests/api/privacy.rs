@@ -1,0 +1,247 @@
+//! Data export and erasure; audit isolation; denied access is audited.
+
+use serde_json::{json, Value};
+
+use crate::connect::connect;
+use crate::support::fake_provider::{Consent, Endpoint};
+use crate::support::{count_rows, problem, spawn_with_fake, TestApp};
+use oauth_manager::storage::Database;
+
+async fn audit_rows_mentioning(app: &TestApp, needle: &str) -> i64 {
+    let sql = "SELECT COUNT(*) FROM oauth_audit_log WHERE actor_user_id = $1 OR subject_user_id = $1 \
+               OR client_ip = $1 OR user_agent LIKE '%' || $1 || '%' OR details LIKE '%' || $1 || '%'";
+    let pg_sql = sql.replace("details LIKE", "details::text LIKE");
+    match &app.db {
+        Database::Postgres(pool) => {
+            sqlx::query_scalar(&pg_sql)
+                .bind(needle)
+                .fetch_one(pool)
+                .await
+        }
+        Database::Sqlite(pool) => sqlx::query_scalar(sql).bind(needle).fetch_one(pool).await,
+    }
+    .expect("count")
+}
+
+#[tokio::test]
+async fn an_export_holds_everything_about_the_user_and_no_secret() {
+    let (app, fake) = spawn_with_fake().await;
+    connect(
+        &app,
+        &fake,
+        "google",
+        "alice",
+        Consent::user("g-1"),
+        json!({}),
+    )
+    .await;
+    connect(
+        &app,
+        &fake,
+        "notion",
+        "alice",
+        Consent::user("n-1"),
+        json!({}),
+    )
+    .await;
+    connect(
+        &app,
+        &fake,
+        "google",
+        "bob",
+        Consent::user("g-2"),
+        json!({}),
+    )
+    .await;
+    let response = app
+        .get_as("/api/v1/oauth/users/alice/export", "alice", &[])
+        .await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.expect("body");
+    let export: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(
+        export["integrations"]
+            .as_array()
+            .expect("integrations")
+            .len(),
+        2
+    );
+    assert_eq!(export["consents"].as_array().expect("consents").len(), 2);
+    assert!(export["audit_events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .all(|e| e["subject_user_id"] == "alice"));
+    assert!(!text.contains("g-2"), "nothing of bob's");
+    for provider in ["google", "notion"] {
+        for token in fake.issued_tokens(provider) {
+            assert!(!text.contains(&token.token), "a token value in the export");
+        }
+    }
+    let (status, _) = problem(
+        app.get_as("/api/v1/oauth/users/alice/export", "bob", &["user"])
+            .await,
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        app.get_as("/api/v1/oauth/users/alice/export", "root", &["admin"])
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn erasure_revokes_deletes_and_pseudonymises_while_the_chain_still_verifies() {
+    let (app, fake) = spawn_with_fake().await;
+    connect(
+        &app,
+        &fake,
+        "google",
+        "alice",
+        Consent::user("g-1"),
+        json!({}),
+    )
+    .await;
+    connect(
+        &app,
+        &fake,
+        "notion",
+        "alice",
+        Consent::user("n-1"),
+        json!({}),
+    )
+    .await;
+    connect(
+        &app,
+        &fake,
+        "google",
+        "bob",
+        Consent::user("g-2"),
+        json!({}),
+    )
+    .await;
+    // A pending authorization of alice's too.
+    app.http
+        .post(app.url("/api/v1/oauth/providers/google/authorize"))
+        .bearer_auth(app.token("alice", &["user"]))
+        .send()
+        .await
+        .expect("authorize");
+    assert!(audit_rows_mentioning(&app, "alice").await > 0);
+    let (status, _) = problem(
+        app.http
+            .delete(app.url("/api/v1/oauth/users/alice"))
+            .bearer_auth(app.token("bob", &["user"]))
+            .send()
+            .await
+            .expect("delete"),
+    )
+    .await;
+    assert_eq!(status, 403, "only the user or an admin");
+    let response = app
+        .http
+        .delete(app.url("/api/v1/oauth/users/alice"))
+        .bearer_auth(app.token("alice", &[]))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["integrations_deleted"], 2);
+    assert_eq!(body["provider_revocations_confirmed"], 2);
+    assert_eq!(
+        fake.count("google", Endpoint::Revoke) + fake.count("notion", Endpoint::Revoke),
+        2
+    );
+    for (table, remaining) in [
+        ("oauth_integrations", 1),
+        ("oauth_tokens", 1),
+        ("oauth_consents", 1),
+        ("oauth_state", 1),
+    ] {
+        assert_eq!(
+            count_rows(&app.db, table).await,
+            remaining,
+            "{table}: only bob's rows stay"
+        );
+    }
+    let alice_states: i64 = match &app.db {
+        Database::Postgres(pool) => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM oauth_state WHERE user_id = 'alice'")
+                .fetch_one(pool)
+                .await
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM oauth_state WHERE user_id = 'alice'")
+                .fetch_one(pool)
+                .await
+        }
+    }
+    .expect("count");
+    assert_eq!(alice_states, 0, "alice's pending authorizations are gone");
+    assert_eq!(
+        audit_rows_mentioning(&app, "alice").await,
+        0,
+        "no audit row names alice any more"
+    );
+    assert!(
+        count_rows(&app.db, "oauth_audit_log").await > 0,
+        "audit rows are kept"
+    );
+    let report = oauth_manager::services::audit::verify(&app.db)
+        .await
+        .expect("verify");
+    assert!(report.first_problem.is_none(), "{:?}", report.first_problem);
+}
+
+#[tokio::test]
+async fn looking_at_someone_elses_integration_is_a_404_and_is_audited() {
+    let (app, fake) = spawn_with_fake().await;
+    let (_, result) = connect(
+        &app,
+        &fake,
+        "google",
+        "alice",
+        Consent::user("g-1"),
+        json!({}),
+    )
+    .await;
+    let id = result["integration_id"].as_str().expect("id");
+    let response = app
+        .get_as(
+            &format!("/api/v1/oauth/integrations/{id}"),
+            "mallory",
+            &["user"],
+        )
+        .await;
+    assert_eq!(response.status(), 404);
+    let response = app
+        .get_as(
+            &format!("/api/v1/oauth/integrations/{id}/token"),
+            "mallory",
+            &["user"],
+        )
+        .await;
+    assert_eq!(response.status(), 403, "no tokens:read at all");
+    let events = app
+        .db
+        .list_audit_events(
+            Some("alice"),
+            oauth_manager::storage::Page {
+                after: None,
+                limit: 100,
+            },
+        )
+        .await
+        .expect("audit");
+    let denied: Vec<_> = events
+        .items
+        .iter()
+        .filter(|e| e.action == "access_denied")
+        .collect();
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0].actor_user_id.as_deref(), Some("mallory"));
+    assert_eq!(denied[0].outcome, "denied");
+}
