@@ -69,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/features", get(routes::catalog::features))
         .route("/consents", get(routes::consents::list))
+        .route("/audit", get(routes::audit::list))
         .route("/consents/{id}/withdraw", post(routes::consents::withdraw))
         .route("/users/{user_id}/export", get(routes::users::export))
         .route("/users/{user_id}", delete(routes::users::erase))

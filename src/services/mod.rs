@@ -2,6 +2,7 @@
 //! [`Actor`](crate::auth::rbac::Actor) proving the caller's permission.
 
 pub mod audit;
+pub mod audit_log;
 pub mod catalog;
 pub mod consents;
 pub mod disconnect;

@@ -184,6 +184,14 @@ async fn the_openapi_document_describes_every_route() {
         "/api/v1/oauth/integrations/{id}/refresh",
         "/api/v1/oauth/providers/{provider}/authorize",
         "/api/v1/oauth/callback/{provider}",
+        "/api/v1/oauth/providers/{provider}/scopes",
+        "/api/v1/oauth/features",
+        "/api/v1/oauth/integrations/{id}/features",
+        "/api/v1/oauth/consents",
+        "/api/v1/oauth/consents/{id}/withdraw",
+        "/api/v1/oauth/audit",
+        "/api/v1/oauth/users/{user_id}/export",
+        "/api/v1/oauth/users/{user_id}",
     ] {
         assert!(
             paths.contains_key(route),

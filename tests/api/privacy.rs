@@ -245,3 +245,82 @@ async fn looking_at_someone_elses_integration_is_a_404_and_is_audited() {
     assert_eq!(denied[0].actor_user_id.as_deref(), Some("mallory"));
     assert_eq!(denied[0].outcome, "denied");
 }
+
+#[tokio::test]
+async fn users_see_only_their_own_audit_events_and_admins_filter_all() {
+    let (app, fake) = spawn_with_fake().await;
+    let (_, alice) = connect(
+        &app,
+        &fake,
+        "google",
+        "alice",
+        Consent::user("g-1"),
+        json!({}),
+    )
+    .await;
+    connect(
+        &app,
+        &fake,
+        "google",
+        "bob",
+        Consent::user("g-2"),
+        json!({}),
+    )
+    .await;
+    let events = |user: &str, roles: &[&str], query: &str| {
+        let request = app
+            .http
+            .get(app.url(&format!("/api/v1/oauth/audit{query}")))
+            .bearer_auth(app.token(user, roles));
+        async move { request.send().await.expect("audit") }
+    };
+    let mine: Value = events("alice", &["user"], "")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let items = mine["items"].as_array().expect("items");
+    assert!(!items.is_empty());
+    assert!(
+        items.iter().all(|e| e["subject_user_id"] == "alice"),
+        "{mine}"
+    );
+    let (status, _) = problem(events("alice", &["user"], "?user_id=bob").await).await;
+    assert_eq!(status, 403);
+    let bobs: Value = events("root", &["admin"], "?user_id=bob&action=callback")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let items = bobs["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["subject_user_id"], "bob");
+    let id = alice["integration_id"].as_str().expect("id");
+    let by_integration: Value = events("root", &["admin"], &format!("?integration_id={id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(by_integration["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .all(|e| e["integration_id"] == id));
+    let paged: Value = events("root", &["admin"], "?limit=1")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let cursor = paged["next_cursor"].as_str().expect("more pages");
+    let next: Value = events("root", &["admin"], &format!("?limit=1&cursor={cursor}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(next["items"][0]["id"].as_i64() > paged["items"][0]["id"].as_i64());
+    let (status, body) = problem(events("root", &["admin"], "?cursor=zzz").await).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_cursor"))
+    );
+}

@@ -33,6 +33,7 @@ use crate::http::extract::Authenticated;
         super::catalog::integration_features,
         super::consents::list,
         super::consents::withdraw,
+        super::audit::list,
         super::users::export,
         super::users::erase,
     ),
@@ -47,6 +48,7 @@ use crate::http::extract::Authenticated;
         (name = "catalog", description = "Scopes, their meaning, and the features they serve"),
         (name = "consents", description = "What users granted, and withdrawing it"),
         (name = "privacy", description = "Data export and erasure"),
+        (name = "audit", description = "The tamper-evident audit log"),
         (name = "meta", description = "This document"),
     )
 )]
