@@ -29,6 +29,8 @@ pub enum StartupError {
     Io(#[from] std::io::Error),
     #[error("cannot build the outbound HTTP client: {0}")]
     Http(String),
+    #[error("audit log: {0}")]
+    Audit(String),
 }
 
 /// Builds the keyring from the configured keys.
@@ -51,7 +53,11 @@ pub async fn open_database(config: &Config) -> Result<Database, StartupError> {
         Database::connect(config.database_url.expose_secret(), PoolSettings::default()).await?;
     db.migrate().await?;
     // The scope catalog is seeded with the schema, so every command sees the same catalog.
-    crate::services::catalog::seed(&db, config, crate::clock::truncate(chrono::Utc::now())).await?;
+    let now = crate::clock::truncate(chrono::Utc::now());
+    crate::services::catalog::seed(&db, config, now).await?;
+    crate::services::audit::ensure_genesis(&db, now)
+        .await
+        .map_err(|err| StartupError::Audit(err.to_string()))?;
     Ok(db)
 }
 

@@ -144,7 +144,12 @@ impl JwtVerifier {
         let subject = claims
             .get("sub")
             .and_then(Value::as_str)
-            .filter(|sub| !sub.is_empty() && sub.chars().count() <= MAX_SUBJECT_CHARS)
+            // `erased:` marks pseudonymised users in the audit log; no live caller may use it.
+            .filter(|sub| {
+                !sub.is_empty()
+                    && sub.chars().count() <= MAX_SUBJECT_CHARS
+                    && !sub.starts_with("erased:")
+            })
             .ok_or(AuthError::MissingSubject)?;
         Ok(Principal::new(subject, self.roles(&claims), &self.role_map))
     }

@@ -86,6 +86,23 @@ pub fn scopes_for_features(
             .ok_or_else(|| CatalogError::UnknownFeature(feature.clone()))?;
         scopes.insert(entry.scope.clone());
     }
+    // A scope whose features another chosen scope also serves (and more) adds nothing:
+    // `calendar.read` + `calendar.write` is `calendar`, not `calendar` and `calendar.readonly`.
+    let features_of = |scope: &String| {
+        catalog
+            .iter()
+            .find(|e| &e.scope == scope)
+            .map(|e| e.features.clone())
+            .unwrap_or_default()
+    };
+    let chosen: Vec<String> = scopes.iter().cloned().collect();
+    scopes.retain(|scope| {
+        let mine = features_of(scope);
+        !chosen.iter().any(|other| {
+            let theirs = features_of(other);
+            other != scope && theirs.len() > mine.len() && mine.iter().all(|f| theirs.contains(f))
+        })
+    });
     Ok(scopes.into_iter().collect())
 }
 
@@ -139,7 +156,7 @@ mod tests {
         );
         assert_eq!(
             scopes_for_features(&catalog(), &features(&["calendar.read", "calendar.write"])),
-            Ok(vec!["cal".to_owned(), "cal.read".to_owned()])
+            Ok(vec!["cal".to_owned()])
         );
         assert_eq!(
             scopes_for_features(&catalog(), &features(&["teleport"])),

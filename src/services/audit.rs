@@ -258,6 +258,26 @@ pub async fn record(ctx: &Context, event: &NewAuditEvent) {
     }
 }
 
+/// Records a refused attempt on someone else's data (403, or 404 on their object).
+pub async fn denied(
+    ctx: &Context,
+    actor: &str,
+    subject: Option<&str>,
+    attempted: &str,
+    client: &RequestContext,
+) {
+    let event = event(
+        "authorization_denied",
+        Outcome::Denied,
+        Some(actor),
+        subject,
+        client,
+        ctx.clock.now(),
+    )
+    .reason(attempted);
+    record(ctx, &event).await;
+}
+
 /// Appends `event` to its chain and returns the row id (for callers that must know).
 pub async fn append(ctx: &Context, event: &NewAuditEvent) -> ServiceResult<i64> {
     let salt = salt(ctx).await?;
@@ -281,6 +301,12 @@ async fn salt(ctx: &Context) -> ServiceResult<Salt> {
         .get_or_try_init(|| load_or_create_salt(&ctx.db, ctx.clock.now()))
         .await?;
     Ok(*salt)
+}
+
+/// Creates the audit log's genesis row if missing (adopting rows written before the chains
+/// existed), so `audit verify` passes on a freshly migrated or upgraded database.
+pub async fn ensure_genesis(db: &Database, now: DateTime<Utc>) -> ServiceResult<()> {
+    load_or_create_salt(db, now).await.map(|_| ())
 }
 
 async fn load_or_create_salt(db: &Database, now: DateTime<Utc>) -> ServiceResult<Salt> {

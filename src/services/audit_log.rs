@@ -24,13 +24,15 @@ pub async fn list(
     ctx: &Context,
     principal: &Principal,
     query: AuditQuery,
+    client: &super::audit::RequestContext,
 ) -> ServiceResult<Paged<AuditEvent, i64>> {
     let is_admin = principal.authorize::<Administer>().is_ok();
     let subject = match (query.user_id, is_admin) {
         (Some(user), true) => Some(user),
         (None, true) => None,
         (Some(user), false) if user != principal.user_id => {
-            return Err(Forbidden(Permission::Admin).into())
+            super::audit::denied(ctx, &principal.user_id, Some(&user), "audit_list", client).await;
+            return Err(Forbidden(Permission::Admin).into());
         }
         _ => Some(principal.user_id.clone()),
     };
@@ -41,8 +43,36 @@ pub async fn list(
         from: query.from,
         to: query.to,
     };
-    Ok(ctx
+    let mut events = ctx
         .db
         .list_audit_events_filtered(&filter, page(query.after, query.limit)?)
-        .await?)
+        .await?;
+    events.items = redact_for(principal, events.items);
+    Ok(events)
 }
+
+/// What a caller may see of audit rows: admins everything; users their own rows in full, but
+/// of events someone else caused (a backend, an admin, an intruder) not that person's id, IP
+/// address, user agent or request id.
+pub fn redact_for(principal: &Principal, events: Vec<AuditEvent>) -> Vec<AuditEvent> {
+    if principal.authorize::<Administer>().is_ok() {
+        return events;
+    }
+    events
+        .into_iter()
+        .map(|event| {
+            if event.actor_user_id.as_deref() == Some(principal.user_id.as_str()) {
+                return event;
+            }
+            AuditEvent {
+                actor_user_id: event.actor_user_id.map(|_| REDACTED.to_owned()),
+                client_ip: None,
+                user_agent: None,
+                request_id: None,
+                ..event
+            }
+        })
+        .collect()
+}
+
+const REDACTED: &str = "redacted";

@@ -166,7 +166,6 @@ pub async fn put_entry(
     actor: &Actor<Administer>,
     provider: &str,
     entry: CatalogEntry,
-    is_default: bool,
     client: &RequestContext,
 ) -> ServiceResult<ScopeEntry> {
     if ctx.providers.get(provider).is_none() {
@@ -188,13 +187,16 @@ pub async fn put_entry(
         ));
     }
     let now = ctx.clock.now();
-    let created_at = ctx
+    let existing = ctx
         .db
         .list_scopes(provider)
         .await?
         .into_iter()
-        .find(|existing| existing.scope == entry.scope)
+        .find(|existing| existing.scope == entry.scope);
+    let created_at = existing
+        .as_ref()
         .map_or(now, |existing| existing.created_at);
+    let is_default = existing.is_some_and(|existing| existing.is_default);
     let stored = ScopeEntry {
         created_at,
         ..row(provider, &entry, is_default, now)

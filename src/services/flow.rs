@@ -244,7 +244,18 @@ fn scopes_to_request(
         };
         ServiceError::invalid(code, format!("{err} ({})", definition.name))
     };
-    let from_features = scopes_for_features(catalog, &request.features).map_err(catalog_error)?;
+    // Features the held scopes already enable need nothing new.
+    let held = existing
+        .map(|integration| integration.granted_scopes.as_slice())
+        .unwrap_or_default();
+    let enabled = crate::providers::catalog::enabled_features(catalog, held);
+    let needed: Vec<String> = request
+        .features
+        .iter()
+        .filter(|f| !enabled.contains(*f))
+        .cloned()
+        .collect();
+    let from_features = scopes_for_features(catalog, &needed).map_err(catalog_error)?;
     check_known(catalog, &request.scopes).map_err(catalog_error)?;
     let wanted = oauth::union(
         &oauth::union(&definition.default_scopes, &from_features),

@@ -19,19 +19,50 @@ use crate::auth::rbac::{Administer, Principal};
 use crate::storage::audit::{AuditEvent, Outcome};
 use crate::storage::consents::Consent;
 use crate::storage::integrations::{ErasedRows, Integration, IntegrationFilter};
-use crate::storage::Page;
+use crate::storage::{Page, Paged, StorageResult};
 
 const EXPORT_PAGE: u32 = 200;
 
-/// Only the user themself or an admin may export or erase a user's data.
-fn check_self_or_admin(principal: &Principal, user_id: &str) -> ServiceResult<()> {
-    if principal.user_id == user_id || principal.authorize::<Administer>().is_ok() {
-        Ok(())
-    } else {
-        Err(ServiceError::Forbidden(crate::auth::rbac::Forbidden(
-            crate::auth::rbac::Permission::Admin,
-        )))
+fn page<C>(after: Option<C>) -> Page<C> {
+    Page {
+        after,
+        limit: EXPORT_PAGE,
     }
+}
+
+/// Every row of a cursor-paginated listing, page by page.
+async fn all_pages<T, C, F, Fut>(mut fetch: F) -> StorageResult<Vec<T>>
+where
+    F: FnMut(Option<C>) -> Fut,
+    Fut: std::future::Future<Output = StorageResult<Paged<T, C>>>,
+{
+    let mut items = Vec::new();
+    let mut after = None;
+    loop {
+        let page = fetch(after).await?;
+        items.extend(page.items);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(items),
+        }
+    }
+}
+
+/// Only the user themself or an admin may export or erase a user's data.
+async fn check_self_or_admin(
+    ctx: &Context,
+    principal: &Principal,
+    user_id: &str,
+    attempted: &str,
+    client: &RequestContext,
+) -> ServiceResult<()> {
+    if principal.user_id == user_id || principal.authorize::<Administer>().is_ok() {
+        return Ok(());
+    }
+    audit::denied(ctx, &principal.user_id, Some(user_id), attempted, client).await;
+    Err(ServiceError::Forbidden(crate::auth::rbac::Forbidden(
+        crate::auth::rbac::Permission::Admin,
+    )))
 }
 
 #[derive(Debug)]
@@ -49,68 +80,16 @@ pub async fn export(
     user_id: &str,
     client: &RequestContext,
 ) -> ServiceResult<Export> {
-    check_self_or_admin(principal, user_id)?;
+    check_self_or_admin(ctx, principal, user_id, "export", client).await?;
     let filter = IntegrationFilter {
         user_id: Some(user_id.to_owned()),
         ..IntegrationFilter::default()
     };
-    let mut integrations = Vec::new();
-    let mut after = None;
-    loop {
-        let page = ctx
-            .db
-            .list_integrations(
-                &filter,
-                Page {
-                    after,
-                    limit: EXPORT_PAGE,
-                },
-            )
-            .await?;
-        integrations.extend(page.items);
-        match page.next {
-            Some(next) => after = Some(next),
-            None => break,
-        }
-    }
-    let mut consents = Vec::new();
-    let mut after = None;
-    loop {
-        let page = ctx
-            .db
-            .list_consents(
-                Some(user_id),
-                Page {
-                    after,
-                    limit: EXPORT_PAGE,
-                },
-            )
-            .await?;
-        consents.extend(page.items);
-        match page.next {
-            Some(next) => after = Some(next),
-            None => break,
-        }
-    }
-    let mut audit_events = Vec::new();
-    let mut after = None;
-    loop {
-        let page = ctx
-            .db
-            .list_audit_events(
-                Some(user_id),
-                Page {
-                    after,
-                    limit: EXPORT_PAGE,
-                },
-            )
-            .await?;
-        audit_events.extend(page.items);
-        match page.next {
-            Some(next) => after = Some(next),
-            None => break,
-        }
-    }
+    let integrations = all_pages(|after| ctx.db.list_integrations(&filter, page(after))).await?;
+    let consents = all_pages(|after| ctx.db.list_consents(Some(user_id), page(after))).await?;
+    let audit_events =
+        all_pages(|after| ctx.db.list_audit_events_involving(user_id, page(after))).await?;
+    let audit_events = super::audit_log::redact_for(principal, audit_events);
     let now = ctx.clock.now();
     let event = audit::event(
         "data_exported",
@@ -147,49 +126,33 @@ pub async fn erase(
     user_id: &str,
     client: &RequestContext,
 ) -> ServiceResult<Erasure> {
-    check_self_or_admin(principal, user_id)?;
+    check_self_or_admin(ctx, principal, user_id, "erase", client).await?;
     let filter = IntegrationFilter {
         user_id: Some(user_id.to_owned()),
         ..IntegrationFilter::default()
     };
     let (mut confirmed, mut unconfirmed) = (0, 0);
-    let mut after = None;
-    loop {
-        let page = ctx
-            .db
-            .list_integrations(
-                &filter,
-                Page {
-                    after,
-                    limit: EXPORT_PAGE,
-                },
-            )
-            .await?;
-        for integration in &page.items {
-            if let Some(sealed) = ctx.db.get_tokens(integration.id).await? {
-                if revoke_now(ctx, &integration.provider, user_id, &sealed).await {
-                    confirmed += 1;
-                } else {
-                    unconfirmed += 1;
-                }
+    let integrations = all_pages(|after| ctx.db.list_integrations(&filter, page(after))).await?;
+    for integration in &integrations {
+        if let Some(sealed) = ctx.db.get_tokens(integration.id).await? {
+            if revoke_now(ctx, &integration.provider, user_id, &sealed).await {
+                confirmed += 1;
+            } else {
+                unconfirmed += 1;
             }
-        }
-        match page.next {
-            Some(next) => after = Some(next),
-            None => break,
         }
     }
     let deleted = ctx.db.erase_user_data(user_id).await?;
     let pseudonymised = audit::pseudonymise_user(ctx, user_id).await?;
     let now = ctx.clock.now();
-    // The record of the erasure names nobody: the erased user only as their pseudonym.
-    let actor = if principal.user_id == user_id {
-        None
-    } else {
-        Some(principal.user_id.as_str())
-    };
+    // The record of the erasure names nobody: when users erase themselves, neither their id
+    // nor their browser's address or user agent is kept.
+    let itself = principal.user_id == user_id;
+    let actor = (!itself).then_some(principal.user_id.as_str());
+    let anonymous = RequestContext::default();
+    let origin = if itself { &anonymous } else { client };
     let event =
-        audit::event("user_erased", Outcome::Success, actor, None, client, now).details(json!({
+        audit::event("user_erased", Outcome::Success, actor, None, origin, now).details(json!({
             "integrations": deleted.integrations,
             "consents": deleted.consents,
             "provider_revocations_confirmed": confirmed,

@@ -634,7 +634,8 @@ async fn refresh_failed(
     .provider(&integration.provider)
     .integration(Some(integration.id))
     .reason(failure_reason(class))
-    .details(json!({"error": err.to_string()}));
+    // Codes only: provider text can name the account, and audit rows are hashed verbatim.
+    .details(json!({"error": error_code(&err)}));
     audit::record(ctx, &event).await;
     let failures = u32::try_from(leased.sealed.refresh_failures).unwrap_or(0);
     let retry_at = now + backoff(failures, err.retry_after());
@@ -694,6 +695,24 @@ async fn refresh_failed(
                     .unwrap_or(5),
             })
         }
+    }
+}
+
+/// The provider's OAuth error code (and Microsoft's numeric codes), never its free text.
+fn error_code(err: &TokenError) -> serde_json::Value {
+    match err {
+        TokenError::Provider {
+            error,
+            error_codes,
+            status,
+            ..
+        } => {
+            json!({"error": error, "error_codes": error_codes, "status": status})
+        }
+        TokenError::Unauthorized => json!("unauthorized"),
+        TokenError::Transient { .. } => json!("transient"),
+        TokenError::InvalidResponse(_) => json!("invalid_response"),
+        TokenError::UnsupportedTokenType(_) => json!("unsupported_token_type"),
     }
 }
 

@@ -707,4 +707,23 @@ impl Database {
             .await)?;
         Ok(Paged::from_rows(rows, page.limit, |event| event.id))
     }
+
+    /// Events about `user_id` or caused by them (a data export covers both), oldest first.
+    pub async fn list_audit_events_involving(
+        &self,
+        user_id: &str,
+        page: Page<i64>,
+    ) -> StorageResult<Paged<AuditEvent, i64>> {
+        let sql = format!(
+            "SELECT id, {COLUMNS} FROM oauth_audit_log \
+             WHERE (subject_user_id = $1 OR actor_user_id = $1) AND id > $2 ORDER BY id LIMIT $3"
+        );
+        let rows: Vec<AuditEvent> = with_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(user_id)
+            .bind(page.after.unwrap_or(0))
+            .bind(page.fetch_limit())
+            .fetch_all(pool)
+            .await)?;
+        Ok(Paged::from_rows(rows, page.limit, |event| event.id))
+    }
 }

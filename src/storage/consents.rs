@@ -91,4 +91,12 @@ impl Database {
             .map(|done| done.rows_affected()))?;
         Ok(changed == 1)
     }
+
+    /// How many consents recorded for an integration are not withdrawn.
+    pub async fn active_consents(&self, integration_id: Uuid) -> StorageResult<i64> {
+        let sql = "SELECT COUNT(*) FROM oauth_consents WHERE integration_id = $1 AND withdrawn_at IS NULL";
+        Ok(
+            with_pool!(self, pool => sqlx::query_scalar(sql).bind(integration_id).fetch_one(pool).await)?,
+        )
+    }
 }

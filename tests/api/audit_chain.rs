@@ -319,19 +319,36 @@ async fn rows_written_outside_the_chains_are_reported() {
 
 #[tokio::test]
 async fn rows_from_before_the_chains_are_chained_by_the_genesis() {
-    let app = spawn_app().await;
-    // As a database migrated from before 0005 holds them: no chain columns.
+    // A database migrated from before 0005: its rows have no chain columns, and no genesis
+    // row exists until the service starts on it.
+    let database = crate::support::TestDatabase::create().await;
+    let db = database.connect().await;
+    db.migrate().await.expect("migrate");
+    let now = chrono::Utc::now();
+    let client = oauth_manager::services::audit::RequestContext::default();
     let mut legacy = Vec::new();
     for user in ["alice", "bob", "alice"] {
-        legacy.push(
-            app.db
-                .append_audit_event(&event(&app, "legacy", Some(user), Some(user)))
-                .await
-                .expect("legacy row"),
+        let row = oauth_manager::services::audit::event(
+            "legacy",
+            oauth_manager::storage::audit::Outcome::Success,
+            Some(user),
+            Some(user),
+            &client,
+            now,
         );
+        legacy.push(db.append_audit_event(&row).await.expect("legacy row"));
     }
-    let first_new = append(&app, "after_upgrade", Some("alice"), Some("alice")).await;
+    db.close().await;
+    // Start-up (migration) creates the genesis row and adopts the legacy rows.
+    let app = crate::support::spawn_app_on(
+        database,
+        &oauth_manager::crypto::KeyMaterial::generate(),
+        &[],
+    )
+    .await;
     assert!(genesis_id(&app).await > legacy[2]);
+    assert_clean(&verify(&app).await);
+    let first_new = append(&app, "after_upgrade", Some("alice"), Some("alice")).await;
     let report = verify(&app).await;
     assert_clean(&report);
     assert_eq!(report.rows, 5);

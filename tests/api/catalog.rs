@@ -118,7 +118,7 @@ async fn admins_extend_the_catalog_and_their_edits_survive_a_restart() {
     let (status, _) = problem(post(&["user"], body.clone()).await).await;
     assert_eq!(status, 403);
     assert_eq!(post(&["admin"], body).await.status(), 200);
-    let edit = json!({"scope": "openid", "description": "Sign in with Google (edited)", "sensitivity": "basic", "features": ["profile"], "is_default": true});
+    let edit = json!({"scope": "openid", "description": "Sign in with Google (edited)", "sensitivity": "basic", "features": ["profile"]});
     assert_eq!(post(&["admin"], edit).await.status(), 200);
     let (status, body) = problem(
         post(
@@ -212,7 +212,37 @@ async fn an_integration_reports_enabled_features_and_what_the_others_need() {
     );
     assert!(features["available"].get("calendar.read").is_none());
 
-    // Progressive activation: ask for the missing feature on the same integration.
+    // Progressive activation: ask for the missing feature on the same integration. Google is
+    // asked for the defaults and what is missing, not for what is held already.
+    let url = {
+        let response = app
+            .http
+            .post(app.url("/api/v1/oauth/providers/google/authorize"))
+            .bearer_auth(app.token("alice", &["user"]))
+            .json(&json!({"integration_id": id, "features": ["calendar.read", "calendar.write"]}))
+            .send()
+            .await
+            .expect("authorize");
+        let body: Value = response.json().await.expect("json");
+        body["authorization_url"].as_str().expect("url").to_owned()
+    };
+    let scope: String = url::Url::parse(&url)
+        .expect("url")
+        .query_pairs()
+        .find(|(k, _)| k == "scope")
+        .map(|(_, v)| v.into_owned())
+        .expect("scope");
+    let mut asked: Vec<&str> = scope.split(' ').collect();
+    asked.sort_unstable();
+    assert_eq!(
+        asked,
+        [
+            "email",
+            "https://www.googleapis.com/auth/calendar",
+            "openid",
+            "profile"
+        ]
+    );
     let (_, again) = connect(
         &app,
         &fake,

@@ -139,3 +139,82 @@ async fn withdrawing_a_consent_disconnects_its_integration() {
         1
     );
 }
+
+#[tokio::test]
+async fn withdrawing_an_old_consent_after_a_reconnect_changes_nothing_and_only_admins_list_others()
+{
+    let (app, fake) = spawn_with_fake().await;
+    let (_, first) = connect(
+        &app,
+        &fake,
+        "google",
+        "alice",
+        Consent::user("g-1"),
+        json!({}),
+    )
+    .await;
+    let mine: Value = app
+        .get_as("/api/v1/oauth/consents", "alice", &["user"])
+        .await
+        .json()
+        .await
+        .expect("json");
+    let old = mine["items"][0]["id"].as_str().expect("consent").to_owned();
+    let withdraw = |id: String| {
+        let request = app
+            .http
+            .post(app.url(&format!("/api/v1/oauth/consents/{id}/withdraw")))
+            .bearer_auth(app.token("alice", &["user"]));
+        async move {
+            request
+                .send()
+                .await
+                .expect("withdraw")
+                .json::<Value>()
+                .await
+                .expect("json")
+        }
+    };
+    assert_eq!(
+        withdraw(old.clone()).await["integration_disconnected"],
+        "revoked"
+    );
+    let (_, again) = connect(
+        &app,
+        &fake,
+        "google",
+        "alice",
+        Consent::user("g-1"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(again["integration_id"], first["integration_id"]);
+    let body = withdraw(old).await;
+    assert!(body["integration_disconnected"].is_null(), "{body}");
+    let id = again["integration_id"].as_str().expect("id");
+    let view: Value = app
+        .get_as(
+            &format!("/api/v1/oauth/integrations/{id}"),
+            "alice",
+            &["user"],
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        view["status"], "active",
+        "the reconnected integration stays"
+    );
+    // Consent records hold browsers' addresses: a service may not list other users'.
+    let (status, _) = problem(
+        app.get_as(
+            "/api/v1/oauth/consents?user_id=alice",
+            "backend",
+            &["service"],
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 403);
+}

@@ -324,3 +324,153 @@ async fn users_see_only_their_own_audit_events_and_admins_filter_all() {
         (400, Some("invalid_cursor"))
     );
 }
+
+#[tokio::test]
+async fn users_do_not_see_who_else_acted_on_their_data_but_admins_do() {
+    let (app, fake) = spawn_with_fake().await;
+    let (_, result) = connect(
+        &app,
+        &fake,
+        "google",
+        "alice",
+        Consent::user("g-1"),
+        json!({}),
+    )
+    .await;
+    let id = result["integration_id"].as_str().expect("id");
+    app.get_as(
+        &format!("/api/v1/oauth/integrations/{id}"),
+        "mallory",
+        &["user"],
+    )
+    .await;
+    let find = |body: &Value| {
+        body["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .find(|e| e["action"] == "access_denied")
+            .cloned()
+            .expect("denied event")
+    };
+    let mine: Value = app
+        .get_as("/api/v1/oauth/audit", "alice", &["user"])
+        .await
+        .json()
+        .await
+        .expect("json");
+    let seen_by_alice = find(&mine);
+    assert_eq!(seen_by_alice["actor_user_id"], "redacted");
+    assert!(seen_by_alice["client_ip"].is_null() && seen_by_alice["user_agent"].is_null());
+    let all: Value = app
+        .get_as("/api/v1/oauth/audit?user_id=alice", "root", &["admin"])
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(find(&all)["actor_user_id"], "mallory");
+    // The export of alice's data redacts mallory too; mallory's own export includes the attempt.
+    let export = app
+        .get_as("/api/v1/oauth/users/alice/export", "alice", &[])
+        .await
+        .text()
+        .await
+        .expect("export");
+    assert!(!export.contains("mallory"));
+    let theirs: Value = app
+        .get_as("/api/v1/oauth/users/mallory/export", "mallory", &[])
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(theirs["audit_events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .any(|e| e["action"] == "access_denied"));
+}
+
+#[tokio::test]
+async fn refused_exports_erasures_and_audit_reads_are_audited() {
+    let (app, _fake) = spawn_with_fake().await;
+    for (method, path) in [
+        (reqwest::Method::GET, "/api/v1/oauth/users/alice/export"),
+        (reqwest::Method::DELETE, "/api/v1/oauth/users/alice"),
+        (reqwest::Method::GET, "/api/v1/oauth/audit?user_id=alice"),
+        (reqwest::Method::GET, "/api/v1/oauth/consents?user_id=alice"),
+    ] {
+        let response = app
+            .http
+            .request(method, app.url(path))
+            .bearer_auth(app.token("mallory", &["service"]))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 403, "{path}");
+    }
+    let events = app
+        .db
+        .list_audit_events(
+            Some("alice"),
+            oauth_manager::storage::Page {
+                after: None,
+                limit: 50,
+            },
+        )
+        .await
+        .expect("audit");
+    let denied = events
+        .items
+        .iter()
+        .filter(|e| {
+            e.action == "authorization_denied" && e.actor_user_id.as_deref() == Some("mallory")
+        })
+        .count();
+    assert_eq!(denied, 4);
+}
+
+#[tokio::test]
+async fn a_self_erasure_keeps_no_address_or_user_agent_of_the_user() {
+    let (app, fake) = spawn_with_fake().await;
+    connect(
+        &app,
+        &fake,
+        "google",
+        "alice",
+        Consent::user("g-1"),
+        json!({}),
+    )
+    .await;
+    let response = app
+        .http
+        .delete(app.url("/api/v1/oauth/users/alice"))
+        .header("user-agent", "alices-unique-browser/1.0")
+        .bearer_auth(app.token("alice", &[]))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        audit_rows_mentioning(&app, "alices-unique-browser").await,
+        0
+    );
+    let all = app
+        .db
+        .list_audit_events(
+            None,
+            oauth_manager::storage::Page {
+                after: None,
+                limit: 200,
+            },
+        )
+        .await
+        .expect("audit");
+    let erased = all
+        .items
+        .iter()
+        .find(|e| e.action == "user_erased")
+        .expect("erasure recorded");
+    assert!(
+        erased.client_ip.is_none() && erased.user_agent.is_none() && erased.actor_user_id.is_none()
+    );
+}

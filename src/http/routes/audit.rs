@@ -82,6 +82,7 @@ pub async fn list(
     axum::extract::State(state): axum::extract::State<crate::http::AppState>,
     crate::http::extract::Authenticated(principal): crate::http::extract::Authenticated,
     crate::http::extract::ApiQuery(params): crate::http::extract::ApiQuery<AuditParams>,
+    crate::http::extract::ClientInfo(client): crate::http::extract::ClientInfo,
 ) -> Result<axum::Json<AuditList>, crate::http::error::ApiError> {
     let query = crate::services::audit_log::AuditQuery {
         user_id: params.user_id,
@@ -92,7 +93,8 @@ pub async fn list(
         after: decode_event_cursor(params.cursor.as_deref())?,
         limit: params.limit,
     };
-    let page = crate::services::audit_log::list(&state.services, &principal, query).await?;
+    let page =
+        crate::services::audit_log::list(&state.services, &principal, query, &client).await?;
     Ok(axum::Json(AuditList {
         items: page.items.into_iter().map(AuditEventView::from).collect(),
         next_cursor: page.next.map(|id| {

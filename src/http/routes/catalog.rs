@@ -24,7 +24,8 @@ pub struct ScopeView {
     pub sensitivity: String,
     /// Features this scope enables.
     pub features: Vec<String>,
-    /// Requested on every authorization of this provider.
+    /// Requested on every authorization of this provider (the provider's default scopes, set
+    /// in its definition or `OAUTH_PROVIDERS_FILE`; informational here).
     pub is_default: bool,
 }
 
@@ -72,8 +73,6 @@ pub struct ScopeBody {
     pub sensitivity: Sensitivity,
     #[serde(default)]
     pub features: Vec<String>,
-    #[serde(default)]
-    pub is_default: bool,
 }
 
 /// Adds or changes a catalog entry (admin). Built-in entries changed here keep the change
@@ -98,15 +97,7 @@ pub async fn put_scope(
         sensitivity: body.sensitivity,
         features: body.features,
     };
-    let stored = catalog::put_entry(
-        &state.services,
-        &actor,
-        &provider,
-        entry,
-        body.is_default,
-        &client,
-    )
-    .await?;
+    let stored = catalog::put_entry(&state.services, &actor, &provider, entry, &client).await?;
     Ok(Json(stored.into()))
 }
 

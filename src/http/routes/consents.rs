@@ -7,9 +7,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{decode_cursor, encode_cursor};
-use crate::auth::rbac::{ReadIntegrations, WriteIntegrations};
+use crate::auth::rbac::WriteIntegrations;
 use crate::http::error::ApiError;
-use crate::http::extract::{ApiPath, ApiQuery, Authorized, ClientInfo};
+use crate::http::extract::{ApiPath, ApiQuery, Authenticated, Authorized, ClientInfo};
 use crate::http::AppState;
 use crate::services::consents;
 use crate::storage::consents::Consent;
@@ -60,30 +60,33 @@ pub struct ConsentList {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct ConsentParams {
-    /// Another user's consents (needs a role reaching every user).
+    /// Another user's consents (admin only).
     pub user_id: Option<String>,
     pub cursor: Option<String>,
     /// 1 to 200 (default 50).
     pub limit: Option<u32>,
 }
 
-/// The caller's consent records (or, with `user_id`, another user's), oldest first.
+/// The caller's consent records (or, for admins, another user's with `user_id`, or all),
+/// oldest first.
 #[utoipa::path(get, path = "/api/v1/oauth/consents", tag = "consents", security(("bearer" = [])),
     params(ConsentParams),
     responses((status = 200, body = ConsentList), (status = 400, body = crate::http::error::Problem),
               (status = 401, body = crate::http::error::Problem), (status = 403, body = crate::http::error::Problem)))]
 pub async fn list(
     State(state): State<AppState>,
-    Authorized(actor): Authorized<ReadIntegrations>,
+    Authenticated(principal): Authenticated,
     ApiQuery(params): ApiQuery<ConsentParams>,
+    ClientInfo(client): ClientInfo,
 ) -> Result<Json<ConsentList>, ApiError> {
     let after = decode_cursor(params.cursor.as_deref())?;
     let page = consents::list(
         &state.services,
-        &actor,
+        &principal,
         params.user_id.as_deref(),
         after,
         params.limit,
+        &client,
     )
     .await?;
     Ok(Json(ConsentList {
