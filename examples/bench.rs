@@ -1,0 +1,1334 @@
+//! Load benchmark of the token hand-out: the real service, in-process, against SQLite and/or
+//! PostgreSQL, with the tests' fake authorization server standing in for Google.
+//!
+//! ```sh
+//! cargo run --release --example bench -- [--seconds N] [--database sqlite|postgres|both]
+//!     [--postgres-url URL] [--integrations N] [--connections N] [--storm N]
+//!     [--provider-latency-ms N] [--rounds N] [--warmup N]
+//! ```
+//!
+//! Per backend it starts the service exactly as `serve` does (configuration from environment
+//! variables, `Application::build`, `Application::serve` on `127.0.0.1:0`), seeds integrations
+//! through the storage and vault APIs, then measures:
+//!
+//! 1. `GET /healthz` and 2. `GET /api/v1/oauth/integrations/{id}/token` (service JWT, ids
+//!    spread over the seeded integrations), each from `--connections` keep-alive HTTP/1.1
+//!    connections for `--seconds` in total, alternating in `--rounds` slices;
+//! 3. a refresh storm: `--storm` concurrent `GET …/token` on one integration whose token has
+//!    expired, while the fake provider's token endpoint takes `--provider-latency-ms`.
+//!
+//! The report is a markdown table on stdout; progress goes to stderr. The load generator runs
+//! in the same process (and on the same cores) as the service, so compare numbers of one run
+//! with each other rather than with other machines. See BENCHMARKS.md.
+
+#[path = "../tests/api/support/fake_provider.rs"]
+mod fake_provider;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration as StdDuration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use axum::body::Bytes;
+use chrono::{Duration, Utc};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+use reqwest::header::{HeaderValue, AUTHORIZATION};
+use reqwest::{StatusCode, Url};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use sqlx::{ConnectOptions, Connection};
+use tokio::sync::{oneshot, Barrier};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use fake_provider::{Consent, Endpoint, FakeProvider, Fault};
+use oauth_manager::app::Application;
+use oauth_manager::clock::{Clock, SystemClock};
+use oauth_manager::config::{Config, Env};
+use oauth_manager::crypto::KeyMaterial;
+use oauth_manager::http::AppState;
+use oauth_manager::services::vault::{TokenOwner, TokenSet};
+use oauth_manager::storage::integrations::{Integration, IntegrationStatus};
+use oauth_manager::storage::Database;
+
+/// `OAUTH_PUBLIC_URL` of the benchmarked service; the fake redirects the "browser" there.
+const PUBLIC_URL: &str = "https://oauth.bench.test";
+const PROVIDER: &str = "google";
+
+const USAGE: &str = "usage: cargo run --release --example bench -- [options]
+
+  --seconds N              length of each load phase (default 10)
+  --rounds N               slices the /healthz and token phases alternate in (default 5)
+  --warmup N               unrecorded warm-up before each load phase, seconds (default 1)
+  --connections N          concurrent keep-alive connections (default 64)
+  --integrations N         integrations seeded per backend (default 1000)
+  --storm N                concurrent callers in the refresh storm (default 1000)
+  --provider-latency-ms N  latency of the fake token endpoint in the storm (default 50)
+  --database B             sqlite, postgres or both (default: both when a PostgreSQL URL is
+                           given by --postgres-url or TEST_DATABASE_URL, else sqlite)
+  --postgres-url URL       PostgreSQL server; a fresh database is created and dropped";
+
+// ---------------------------------------------------------------------------------------------
+// Options
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres { server_url: String },
+}
+
+impl Backend {
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres { .. } => "postgres",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Options {
+    seconds: u64,
+    rounds: u32,
+    warmup: u64,
+    connections: usize,
+    integrations: usize,
+    storm: usize,
+    provider_latency: StdDuration,
+    backends: Vec<Backend>,
+}
+
+fn parse_args() -> anyhow::Result<Options> {
+    let mut seconds = 10;
+    let mut rounds = 5;
+    let mut warmup = 1;
+    let mut connections = 64;
+    let mut integrations = 1000;
+    let mut storm = 1000;
+    let mut latency_ms = 50;
+    let mut database: Option<String> = None;
+    let mut postgres_url: Option<String> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((name, value)) => (name.to_owned(), Some(value.to_owned())),
+            None => (arg.clone(), None),
+        };
+        if name == "--help" || name == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        let mut value = || -> anyhow::Result<String> {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| anyhow!("{name} needs a value\n\n{USAGE}"))
+        };
+        let number = |text: String| -> anyhow::Result<u64> {
+            text.parse()
+                .with_context(|| format!("{name}: not a number: {text:?}"))
+        };
+        match name.as_str() {
+            "--seconds" => seconds = number(value()?)?.max(1),
+            "--rounds" => rounds = u32::try_from(number(value()?)?.clamp(1, 1000))?,
+            "--warmup" => warmup = number(value()?)?,
+            "--connections" => connections = usize::try_from(number(value()?)?.max(1))?,
+            "--integrations" => integrations = usize::try_from(number(value()?)?.max(1))?,
+            "--storm" => storm = usize::try_from(number(value()?)?.max(1))?,
+            "--provider-latency-ms" => latency_ms = number(value()?)?,
+            "--database" => database = Some(value()?),
+            "--postgres-url" => postgres_url = Some(value()?),
+            other => bail!("unknown argument {other:?}\n\n{USAGE}"),
+        }
+    }
+    let postgres_url = postgres_url.or_else(|| {
+        std::env::var("TEST_DATABASE_URL")
+            .ok()
+            .filter(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"))
+    });
+    let postgres = || -> anyhow::Result<Backend> {
+        let server_url = postgres_url
+            .clone()
+            .ok_or_else(|| anyhow!("PostgreSQL needs --postgres-url URL (or TEST_DATABASE_URL)"))?;
+        Ok(Backend::Postgres { server_url })
+    };
+    let backends = match database.as_deref() {
+        Some("sqlite") => vec![Backend::Sqlite],
+        Some("postgres") => vec![postgres()?],
+        Some("both") => vec![Backend::Sqlite, postgres()?],
+        None if postgres_url.is_some() => vec![Backend::Sqlite, postgres()?],
+        None => vec![Backend::Sqlite],
+        Some(other) => bail!("--database: expected sqlite, postgres or both, got {other:?}"),
+    };
+    Ok(Options {
+        seconds,
+        rounds,
+        warmup,
+        connections,
+        integrations,
+        storm,
+        provider_latency: StdDuration::from_millis(latency_ms),
+        backends,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Databases
+// ---------------------------------------------------------------------------------------------
+
+/// A database created for one run, dropped (PostgreSQL) or deleted (SQLite) afterwards.
+enum Provisioned {
+    Sqlite {
+        url: String,
+        _dir: tempfile::TempDir,
+    },
+    Postgres {
+        url: String,
+        server_url: String,
+        name: String,
+    },
+}
+
+impl Provisioned {
+    async fn create(backend: &Backend) -> anyhow::Result<Self> {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir()?;
+                let url = format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("bench.db").display()
+                );
+                Ok(Provisioned::Sqlite { url, _dir: dir })
+            }
+            Backend::Postgres { server_url } => {
+                let name = bench_database_name();
+                let mut conn = admin_connection(server_url).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await?;
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await
+                    .with_context(|| format!("create database {name}"))?;
+                conn.close().await.ok();
+                let mut url = Url::parse(server_url).context("--postgres-url")?;
+                url.set_path(&format!("/{name}"));
+                Ok(Provisioned::Postgres {
+                    url: url.to_string(),
+                    server_url: server_url.clone(),
+                    name,
+                })
+            }
+        }
+    }
+
+    fn url(&self) -> &str {
+        match self {
+            Provisioned::Sqlite { url, .. } | Provisioned::Postgres { url, .. } => url,
+        }
+    }
+
+    async fn destroy(self) -> anyhow::Result<()> {
+        if let Provisioned::Postgres {
+            server_url, name, ..
+        } = self
+        {
+            let mut conn = admin_connection(&server_url).await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await
+                .with_context(|| format!("drop database {name}"))?;
+            conn.close().await.ok();
+            eprintln!("  dropped database {name}");
+        }
+        Ok(())
+    }
+}
+
+/// A connection to the server URL for CREATE/DROP DATABASE (which may be slow: a checkpoint).
+async fn admin_connection(server_url: &str) -> anyhow::Result<sqlx::PgConnection> {
+    let options = sqlx::postgres::PgConnectOptions::from_str(server_url)
+        .with_context(|| format!("PostgreSQL URL {server_url}"))?
+        .disable_statement_logging();
+    options
+        .connect()
+        .await
+        .with_context(|| format!("connect to {server_url}"))
+}
+
+async fn server_version(db: &Database) -> String {
+    let version = match db {
+        Database::Postgres(pool) => {
+            sqlx::query_scalar::<_, String>("SHOW server_version")
+                .fetch_one(pool)
+                .await
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query_scalar::<_, String>("SELECT sqlite_version()")
+                .fetch_one(pool)
+                .await
+        }
+    };
+    match version {
+        // "15.4 (Debian 15.4-1)" → "15.4"
+        Ok(version) => version
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        Err(err) => format!("unknown ({err})"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The service under test
+// ---------------------------------------------------------------------------------------------
+
+struct Service {
+    address: String,
+    state: AppState,
+    jwt_secret: String,
+    stop: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    _providers_dir: tempfile::TempDir,
+}
+
+/// Builds the configuration from environment-style variables, as `serve` (and the tests'
+/// `config_from`) do.
+fn config_from(vars: &HashMap<String, String>) -> anyhow::Result<Config> {
+    let lookup = |name: &str| vars.get(name).cloned();
+    Config::from_lookup(&Env::new(&lookup)).map_err(|err| anyhow!("configuration: {err}"))
+}
+
+fn random_string(length: usize) -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(length)
+        .map(char::from)
+        .collect()
+}
+
+async fn start_service(database_url: &str, fake: &FakeProvider) -> anyhow::Result<Service> {
+    let providers_dir = tempfile::tempdir()?;
+    let providers_file = providers_dir.path().join("providers.toml");
+    std::fs::write(&providers_file, fake.providers_toml())?;
+    let jwt_secret = random_string(48);
+    let vars = HashMap::from([
+        ("DATABASE_URL".to_owned(), database_url.to_owned()),
+        (
+            "OAUTH_ENCRYPTION_KEY".to_owned(),
+            KeyMaterial::generate().to_base64().to_string(),
+        ),
+        ("OAUTH_JWT_SECRET".to_owned(), jwt_secret.clone()),
+        ("OAUTH_PUBLIC_URL".to_owned(), PUBLIC_URL.to_owned()),
+        ("OAUTH_BACKGROUND_REFRESH".to_owned(), "false".to_owned()),
+        (
+            "OAUTH_PROVIDERS_FILE".to_owned(),
+            providers_file.to_string_lossy().into_owned(),
+        ),
+    ]);
+    let application = Application::build(config_from(&vars)?, Arc::new(SystemClock))
+        .await
+        .map_err(|err| anyhow!("the service does not start: {err}"))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = format!("http://{}", listener.local_addr()?);
+    let state = application.state.clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(application.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    Ok(Service {
+        address,
+        state,
+        jwt_secret,
+        stop,
+        server,
+        _providers_dir: providers_dir,
+    })
+}
+
+impl Service {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    fn db(&self) -> &Database {
+        &self.state.services.db
+    }
+
+    /// An HS256 bearer token for `user` with `roles`, valid for a day.
+    fn jwt(&self, user: &str, roles: &[&str]) -> anyhow::Result<String> {
+        let now = Utc::now();
+        let claims = json!({
+            "sub": user,
+            "roles": roles,
+            "iat": now.timestamp(),
+            "exp": (now + Duration::days(1)).timestamp(),
+        });
+        Ok(encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(self.jwt_secret.as_bytes()),
+        )?)
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        match tokio::time::timeout(StdDuration::from_secs(35), self.server).await {
+            Ok(joined) => joined??,
+            Err(_) => eprintln!("  warning: the service did not shut down within 35 s"),
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Seeding
+// ---------------------------------------------------------------------------------------------
+
+/// Stores `count` active Google integrations, each with a sealed token set valid for an hour
+/// (as a completed connect flow would); returns their ids.
+async fn seed(service: &Service, count: usize) -> anyhow::Result<Vec<Uuid>> {
+    const WORKERS: usize = 8;
+    let mut tasks = JoinSet::new();
+    for worker in 0..WORKERS {
+        let db = service.db().clone();
+        let vault = service.state.services.vault.clone();
+        tasks.spawn(async move {
+            let mut ids = Vec::new();
+            for n in (worker..count).step_by(WORKERS) {
+                let now = SystemClock.now();
+                let user = format!("user-{}", n % 250);
+                let integration = Integration {
+                    id: Uuid::now_v7(),
+                    user_id: user.clone(),
+                    provider: PROVIDER.to_owned(),
+                    provider_account_id: format!("acct-{n}"),
+                    account_email: Some(format!("{user}+{n}@example.com")),
+                    account_name: Some(user.clone()),
+                    account_metadata: json!({}),
+                    status: IntegrationStatus::Active,
+                    granted_scopes: vec!["openid".to_owned(), "email".to_owned()],
+                    requested_scopes: vec!["openid".to_owned(), "email".to_owned()],
+                    created_at: now,
+                    updated_at: now,
+                    last_refreshed_at: None,
+                    last_error: None,
+                    last_error_at: None,
+                };
+                db.insert_integration(&integration).await?;
+                let tokens = TokenSet {
+                    access_token: SecretString::from(format!(
+                        "ya29.bench-access-{n}-{}",
+                        random_string(96)
+                    )),
+                    refresh_token: Some(SecretString::from(format!(
+                        "1//bench-refresh-{n}-{}",
+                        random_string(64)
+                    ))),
+                    id_token: None,
+                    token_type: "Bearer".to_owned(),
+                    expires_at: Some(now + Duration::hours(1)),
+                    refresh_token_expires_at: None,
+                };
+                let owner = TokenOwner {
+                    integration_id: integration.id,
+                    user_id: &user,
+                };
+                let sealed = vault.seal(owner, &tokens, now)?;
+                db.upsert_tokens(&sealed).await?;
+                ids.push(integration.id);
+            }
+            anyhow::Ok(ids)
+        });
+    }
+    let mut ids = Vec::with_capacity(count);
+    while let Some(done) = tasks.join_next().await {
+        ids.extend(done??);
+    }
+    ids.sort();
+    Ok(ids)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load phases
+// ---------------------------------------------------------------------------------------------
+
+fn http_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .http1_only()
+        .tcp_nodelay(true)
+        .pool_idle_timeout(StdDuration::from_secs(120))
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(StdDuration::from_secs(60))
+        .build()?)
+}
+
+/// Latencies (nanoseconds, sorted) and errors of one phase.
+#[derive(Debug, Default, Clone)]
+struct Measured {
+    latencies: Vec<u64>,
+    errors: u64,
+    first_error: Option<String>,
+    elapsed: StdDuration,
+    cpu: Option<CpuUsage>,
+}
+
+/// Where the machine's CPU time went during a phase (from /proc/stat and /proc/*/stat), in
+/// cores: the load generator runs on the same cores as the service, so a phase is only
+/// comparable with another if "other" stayed near zero.
+#[derive(Debug, Clone, Copy)]
+struct CpuUsage {
+    /// Cores busy, all processes.
+    busy: f64,
+    /// This process: service + load generator + fake provider.
+    bench: f64,
+    /// PostgreSQL: the server's own processes and the backends serving the benchmark's
+    /// database (backends of other databases count as "other").
+    postgres: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    busy: u64,
+    total: u64,
+    bench: u64,
+    postgres: u64,
+}
+
+/// The database this run created (`oauth_manager_bench_<pid>`), to attribute PostgreSQL
+/// backends.
+fn bench_database_name() -> String {
+    format!("oauth_manager_bench_{}", std::process::id())
+}
+
+/// Whether a `postgres` process works for this benchmark: a server process (postmaster,
+/// WAL writer, checkpointer, …), or a client backend of the benchmark's database. PostgreSQL
+/// shows "postgres: 15/main: user database 127.0.0.1(port) state" as a backend's command line.
+fn serves_this_benchmark(pid_dir: &std::path::Path) -> bool {
+    let Ok(cmdline) = std::fs::read(pid_dir.join("cmdline")) else {
+        return false;
+    };
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    let client_backend =
+        cmdline.contains("127.0.0.1(") || cmdline.contains("::1(") || cmdline.contains("[local]");
+    !client_backend || cmdline.contains(&bench_database_name())
+}
+
+/// utime + stime (clock ticks) and the command name of a /proc/{pid}/stat file.
+fn process_ticks(path: &std::path::Path) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (head, tail) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_owned();
+    let fields: Vec<&str> = tail.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5); `tail` starts at field 3.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((name, ticks))
+}
+
+impl CpuSample {
+    fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let total: u64 = fields.iter().take(8).sum();
+        let idle = fields.get(3)? + fields.get(4)?;
+        let bench = process_ticks(std::path::Path::new("/proc/self/stat"))?.1;
+        let postgres = std::fs::read_dir("/proc")
+            .ok()?
+            .filter_map(Result::ok)
+            .filter(|entry| {
+                entry
+                    .file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .filter_map(|entry| {
+                let (name, ticks) = process_ticks(&entry.path().join("stat"))?;
+                (name == "postgres" && serves_this_benchmark(&entry.path())).then_some(ticks)
+            })
+            .sum();
+        Some(Self {
+            busy: total - idle,
+            total,
+            bench,
+            postgres,
+        })
+    }
+
+    fn since(self, start: Self) -> Option<CpuUsage> {
+        let total = self.total.checked_sub(start.total)? as f64;
+        if total <= 0.0 {
+            return None;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        let in_cores = |ticks: u64| ticks as f64 / total * cores;
+        Some(CpuUsage {
+            busy: in_cores(self.busy.checked_sub(start.busy)?),
+            bench: in_cores(self.bench.checked_sub(start.bench)?),
+            // Backends that exited in between make this a slight underestimate.
+            postgres: in_cores(self.postgres.saturating_sub(start.postgres)),
+        })
+    }
+}
+
+impl Measured {
+    fn requests(&self) -> usize {
+        self.latencies.len()
+    }
+
+    fn per_second(&self) -> f64 {
+        let ok = self.requests() as f64 - self.errors as f64;
+        ok / self.elapsed.as_secs_f64()
+    }
+
+    /// Nearest-rank percentile, nanoseconds.
+    fn percentile(&self, q: f64) -> u64 {
+        if self.latencies.is_empty() {
+            return 0;
+        }
+        let rank = (q * self.latencies.len() as f64).ceil() as usize;
+        self.latencies[rank.clamp(1, self.latencies.len()) - 1]
+    }
+
+    fn max(&self) -> u64 {
+        self.latencies.last().copied().unwrap_or(0)
+    }
+}
+
+/// What a response must look like to count as a success.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    Healthz,
+    Token,
+}
+
+fn check(expect: Expect, status: StatusCode, body: &[u8]) -> Result<(), String> {
+    let ok = status == StatusCode::OK
+        && match expect {
+            Expect::Healthz => true,
+            Expect::Token => body
+                .windows(b"\"access_token\"".len())
+                .any(|window| window == b"\"access_token\""),
+        };
+    if ok {
+        Ok(())
+    } else {
+        let body = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+        Err(format!("HTTP {status}: {body}"))
+    }
+}
+
+async fn one_request(
+    client: &reqwest::Client,
+    url: Url,
+    auth: Option<&HeaderValue>,
+    expect: Expect,
+) -> Result<Bytes, String> {
+    let mut request = client.get(url);
+    if let Some(auth) = auth {
+        request = request.header(AUTHORIZATION, auth.clone());
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|err| format!("request: {err}"))?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|err| format!("body: {err}"))?;
+    check(expect, status, &body)?;
+    Ok(body)
+}
+
+/// `connections` tasks, each looping over `urls` (task `t` takes `t`, `t + connections`, …)
+/// until `duration` has passed; every request's latency is recorded.
+async fn closed_loop(
+    client: &reqwest::Client,
+    urls: &Arc<Vec<Url>>,
+    auth: Option<HeaderValue>,
+    expect: Expect,
+    connections: usize,
+    duration: StdDuration,
+) -> Measured {
+    let cpu_start = CpuSample::now();
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = JoinSet::new();
+    for task in 0..connections {
+        let client = client.clone();
+        let urls = urls.clone();
+        let auth = auth.clone();
+        tasks.spawn(async move {
+            let mut measured = Measured {
+                latencies: Vec::with_capacity(1 << 14),
+                ..Measured::default()
+            };
+            let mut next = task;
+            while Instant::now() < deadline {
+                let url = urls[next % urls.len()].clone();
+                next += connections;
+                let began = Instant::now();
+                let result = one_request(&client, url, auth.as_ref(), expect).await;
+                measured.latencies.push(nanos(began.elapsed()));
+                if let Err(err) = result {
+                    measured.errors += 1;
+                    measured.first_error.get_or_insert(err);
+                }
+            }
+            measured
+        });
+    }
+    let mut total = Measured::default();
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(part) => {
+                total.latencies.extend(part.latencies);
+                total.errors += part.errors;
+                if total.first_error.is_none() {
+                    total.first_error = part.first_error;
+                }
+            }
+            Err(err) => {
+                total.errors += 1;
+                total.first_error.get_or_insert(format!("load task: {err}"));
+            }
+        }
+    }
+    total.elapsed = start.elapsed();
+    total.cpu = cpu_start
+        .zip(CpuSample::now())
+        .and_then(|(start, end)| end.since(start));
+    total.latencies.sort_unstable();
+    total
+}
+
+fn nanos(duration: StdDuration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// One kind of request of the throughput phase.
+struct Load {
+    label: &'static str,
+    urls: Arc<Vec<Url>>,
+    auth: Option<HeaderValue>,
+    expect: Expect,
+}
+
+impl Load {
+    async fn run(
+        &self,
+        client: &reqwest::Client,
+        connections: usize,
+        duration: StdDuration,
+    ) -> Measured {
+        closed_loop(
+            client,
+            &self.urls,
+            self.auth.clone(),
+            self.expect,
+            connections,
+            duration,
+        )
+        .await
+    }
+}
+
+impl Measured {
+    /// Adds another slice of the same phase (latencies are re-sorted by [`Measured::finish`]).
+    fn absorb(&mut self, part: Measured) {
+        let (mine, theirs) = (self.elapsed.as_secs_f64(), part.elapsed.as_secs_f64());
+        self.cpu = match (self.cpu, part.cpu) {
+            (Some(a), Some(b)) if mine + theirs > 0.0 => {
+                let mix = |x: f64, y: f64| (x * mine + y * theirs) / (mine + theirs);
+                Some(CpuUsage {
+                    busy: mix(a.busy, b.busy),
+                    bench: mix(a.bench, b.bench),
+                    postgres: mix(a.postgres, b.postgres),
+                })
+            }
+            (None, theirs) if self.latencies.is_empty() => theirs,
+            (mine, _) => mine,
+        };
+        self.latencies.extend(part.latencies);
+        self.errors += part.errors;
+        if self.first_error.is_none() {
+            self.first_error = part.first_error;
+        }
+        self.elapsed += part.elapsed;
+    }
+
+    fn finish(mut self) -> Self {
+        self.latencies.sort_unstable();
+        self
+    }
+}
+
+/// Runs the loads in alternating slices (`--rounds` of each, `--seconds` in total per load),
+/// so that a machine getting slower or faster during the run (other tenants, frequency) moves
+/// every load alike and their ratio stays meaningful.
+async fn alternate(client: &reqwest::Client, loads: &[Load], options: &Options) -> Vec<Measured> {
+    if options.warmup > 0 {
+        for load in loads {
+            load.run(
+                client,
+                options.connections,
+                StdDuration::from_secs(options.warmup),
+            )
+            .await;
+        }
+    }
+    let slice = StdDuration::from_secs(options.seconds) / options.rounds;
+    let mut totals: Vec<Measured> = loads.iter().map(|_| Measured::default()).collect();
+    for _ in 0..options.rounds {
+        for (load, total) in loads.iter().zip(totals.iter_mut()) {
+            total.absorb(load.run(client, options.connections, slice).await);
+        }
+    }
+    let totals: Vec<Measured> = totals.into_iter().map(Measured::finish).collect();
+    for (load, measured) in loads.iter().zip(&totals) {
+        eprintln!(
+            "  {}: {:.0} req/s, p50 {} ms, p99 {} ms, max {} ms, CPU cores busy = bench + postgres + other: {}, {} errors{}",
+            load.label,
+            measured.per_second(),
+            ms(measured.percentile(0.50)),
+            ms(measured.percentile(0.99)),
+            ms(measured.max()),
+            cpu(measured),
+            measured.errors,
+            measured
+                .first_error
+                .as_deref()
+                .map(|err| format!(" (first: {err})"))
+                .unwrap_or_default(),
+        );
+    }
+    totals
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refresh storm
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Storm {
+    callers: usize,
+    provider_latency: StdDuration,
+    provider_refreshes: usize,
+    distinct_tokens: usize,
+    measured: Measured,
+    /// From the release of the callers to the last answer.
+    wall: StdDuration,
+}
+
+impl Storm {
+    fn over_provider_latency(&self) -> i64 {
+        i64::try_from(self.measured.max()).unwrap_or(i64::MAX)
+            - i64::try_from(nanos(self.provider_latency)).unwrap_or(0)
+    }
+
+    fn met(&self) -> bool {
+        self.provider_refreshes == 1
+            && self.measured.errors == 0
+            && self.over_provider_latency() <= 50_000_000
+    }
+}
+
+/// Connects one Google account through the service's HTTP API against the fake (authorize,
+/// consent at the fake, callback), so the stored refresh token is one the fake accepts.
+async fn connect_through_the_fake(
+    service: &Service,
+    fake: &FakeProvider,
+    client: &reqwest::Client,
+) -> anyhow::Result<Uuid> {
+    fake.push_consent(PROVIDER, Consent::user("storm-subject"));
+    let response = client
+        .post(service.url(&format!("/api/v1/oauth/providers/{PROVIDER}/authorize")))
+        .bearer_auth(service.jwt("storm-user", &["user"])?)
+        .json(&json!({}))
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    if status != StatusCode::OK {
+        bail!("authorize answered {status}: {body}");
+    }
+    let authorization_url = body["authorization_url"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no authorization_url in {body}"))?;
+    let location = fake.authorize(authorization_url).await;
+    let callback = location
+        .strip_prefix(PUBLIC_URL)
+        .ok_or_else(|| anyhow!("the fake redirected to {location}, not the public URL"))?;
+    let response = client
+        .get(service.url(callback))
+        .header("accept", "application/json")
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    let id = body["integration_id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("callback answered {status}: {body}"))?;
+    Ok(id.parse()?)
+}
+
+/// Rewrites the stored token set as issued an hour ago and expired a minute ago (same refresh
+/// token), through the storage and vault APIs.
+async fn expire(service: &Service, id: Uuid) -> anyhow::Result<()> {
+    let db = service.db();
+    let vault = &service.state.services.vault;
+    let integration = db
+        .get_integration(id)
+        .await?
+        .ok_or_else(|| anyhow!("integration {id} not stored"))?;
+    let sealed = db
+        .get_tokens(id)
+        .await?
+        .ok_or_else(|| anyhow!("no tokens for {id}"))?;
+    let mut tokens = vault.open(&integration.user_id, &sealed)?;
+    if tokens.refresh_token.is_none() {
+        bail!("the connect flow stored no refresh token");
+    }
+    let now = SystemClock.now();
+    tokens.expires_at = Some(now - Duration::minutes(1));
+    let owner = TokenOwner {
+        integration_id: id,
+        user_id: &integration.user_id,
+    };
+    let resealed = vault.seal(owner, &tokens, now - Duration::minutes(61))?;
+    db.upsert_tokens(&resealed).await?;
+    Ok(())
+}
+
+async fn refresh_storm(
+    service: &Service,
+    fake: &FakeProvider,
+    client: &reqwest::Client,
+    options: &Options,
+) -> anyhow::Result<Storm> {
+    let id = connect_through_the_fake(service, fake, client).await?;
+    expire(service, id).await?;
+    let callers = options.storm;
+    // Open the callers' connections first: the storm measures the service, not TCP set-up.
+    let healthz = Url::parse(&service.url("/healthz"))?;
+    let mut warm = JoinSet::new();
+    let gate = Arc::new(Barrier::new(callers));
+    for _ in 0..callers {
+        let (client, url, gate) = (client.clone(), healthz.clone(), gate.clone());
+        warm.spawn(async move {
+            gate.wait().await;
+            one_request(&client, url, None, Expect::Healthz)
+                .await
+                .map(|_| ())
+        });
+    }
+    while let Some(done) = warm.join_next().await {
+        if let Err(err) = done? {
+            eprintln!("  warning: storm warm-up request failed: {err}");
+        }
+    }
+
+    let before = fake.count_grant(PROVIDER, "refresh_token");
+    fake.push_fault(
+        PROVIDER,
+        Endpoint::Token,
+        Fault::Latency(options.provider_latency),
+    );
+    let url = Url::parse(&service.url(&format!("/api/v1/oauth/integrations/{id}/token")))?;
+    let auth = HeaderValue::from_str(&format!(
+        "Bearer {}",
+        service.jwt("bench-backend", &["service"])?
+    ))?;
+    let gate = Arc::new(Barrier::new(callers + 1));
+    let mut tasks = JoinSet::new();
+    for _ in 0..callers {
+        let (client, url, auth, gate) = (client.clone(), url.clone(), auth.clone(), gate.clone());
+        tasks.spawn(async move {
+            gate.wait().await;
+            let began = Instant::now();
+            let result = one_request(&client, url, Some(&auth), Expect::Token).await;
+            let latency = began.elapsed();
+            let token = result.and_then(|body| {
+                let value: Value = serde_json::from_slice(&body).map_err(|err| err.to_string())?;
+                Ok(value["access_token"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned())
+            });
+            (latency, token)
+        });
+    }
+    let cpu_start = CpuSample::now();
+    gate.wait().await;
+    let released = Instant::now();
+    let mut measured = Measured::default();
+    let mut tokens = HashSet::new();
+    while let Some(done) = tasks.join_next().await {
+        let (latency, token) = done?;
+        measured.latencies.push(nanos(latency));
+        match token {
+            Ok(token) => {
+                tokens.insert(token);
+            }
+            Err(err) => {
+                measured.errors += 1;
+                measured.first_error.get_or_insert(err);
+            }
+        }
+    }
+    let wall = released.elapsed();
+    measured.elapsed = wall;
+    measured.cpu = cpu_start
+        .zip(CpuSample::now())
+        .and_then(|(start, end)| end.since(start));
+    measured.latencies.sort_unstable();
+    let storm = Storm {
+        callers,
+        provider_latency: options.provider_latency,
+        provider_refreshes: fake.count_grant(PROVIDER, "refresh_token") - before,
+        distinct_tokens: tokens.len(),
+        measured,
+        wall,
+    };
+    eprintln!(
+        "  refresh storm: {} provider refresh(es), {} distinct token(s), {} errors{}, p50 {} ms, p99 {} ms, max {} ms, last answer after {} ms",
+        storm.provider_refreshes,
+        storm.distinct_tokens,
+        storm.measured.errors,
+        storm
+            .measured
+            .first_error
+            .as_deref()
+            .map(|err| format!(" (first: {err})"))
+            .unwrap_or_default(),
+        ms(storm.measured.percentile(0.50)),
+        ms(storm.measured.percentile(0.99)),
+        ms(storm.measured.max()),
+        ms(nanos(storm.wall)),
+    );
+    Ok(storm)
+}
+
+// ---------------------------------------------------------------------------------------------
+// One backend
+// ---------------------------------------------------------------------------------------------
+
+struct BackendResult {
+    backend: &'static str,
+    version: String,
+    healthz: Measured,
+    token: Measured,
+    storm: Storm,
+}
+
+async fn run_backend(backend: &Backend, options: &Options) -> anyhow::Result<BackendResult> {
+    eprintln!("== {} ==", backend.name());
+    let database = Provisioned::create(backend).await?;
+    let outcome = run_on(backend, database.url(), options).await;
+    let destroyed = database.destroy().await;
+    let result = outcome?;
+    destroyed?;
+    Ok(result)
+}
+
+async fn run_on(
+    backend: &Backend,
+    database_url: &str,
+    options: &Options,
+) -> anyhow::Result<BackendResult> {
+    let fake = FakeProvider::start().await;
+    let service = start_service(database_url, &fake).await?;
+    let version = server_version(service.db()).await;
+    let started = Instant::now();
+    let ids = seed(&service, options.integrations).await?;
+    eprintln!(
+        "  seeded {} integrations in {:.1} s ({} {version})",
+        ids.len(),
+        started.elapsed().as_secs_f64(),
+        backend.name()
+    );
+    let client = http_client()?;
+    let token_urls = ids
+        .iter()
+        .map(|id| Url::parse(&service.url(&format!("/api/v1/oauth/integrations/{id}/token"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let auth = HeaderValue::from_str(&format!(
+        "Bearer {}",
+        service.jwt("bench-backend", &["service"])?
+    ))?;
+    let loads = [
+        Load {
+            label: "GET /healthz",
+            urls: Arc::new(vec![Url::parse(&service.url("/healthz"))?]),
+            auth: None,
+            expect: Expect::Healthz,
+        },
+        Load {
+            label: "GET …/token",
+            urls: Arc::new(token_urls),
+            auth: Some(auth),
+            expect: Expect::Token,
+        },
+    ];
+    let mut measured = alternate(&client, &loads, options).await.into_iter();
+    let healthz = measured.next().unwrap_or_default();
+    let token = measured.next().unwrap_or_default();
+    let storm = refresh_storm(&service, &fake, &client, options).await?;
+    drop(client);
+    service.stop().await?;
+    Ok(BackendResult {
+        backend: backend.name(),
+        version,
+        healthz,
+        token,
+        storm,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------------
+
+fn ms(nanos: u64) -> String {
+    format!("{:.2}", nanos as f64 / 1e6)
+}
+
+fn signed_ms(nanos: i64) -> String {
+    format!("{:+.2}", nanos as f64 / 1e6)
+}
+
+fn cpu(measured: &Measured) -> String {
+    measured.cpu.map_or_else(
+        || "n/a".to_owned(),
+        |cpu| {
+            let other = (cpu.busy - cpu.bench - cpu.postgres).max(0.0);
+            format!(
+                "{:.2} = {:.2} + {:.2} + {:.2}",
+                cpu.busy, cpu.bench, cpu.postgres, other
+            )
+        },
+    )
+}
+
+/// `git describe --always --dirty` of the crate's checkout, when it is one.
+/// `BENCH_SOURCE_REVISION` overrides it (for a `git archive` snapshot).
+fn source_revision() -> String {
+    if let Some(revision) = std::env::var("BENCH_SOURCE_REVISION")
+        .ok()
+        .filter(|revision| !revision.is_empty())
+    {
+        return revision;
+    }
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .map(|revision| revision.trim().to_owned())
+        .filter(|revision| !revision.is_empty())
+        .unwrap_or_else(|| "unknown (not a git checkout)".to_owned())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split_once(':'))
+                .map(|(_, model)| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+fn report(options: &Options, results: &[BackendResult]) -> String {
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let profile = if cfg!(debug_assertions) {
+        "debug (not meaningful: use --release)"
+    } else {
+        "release"
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "### oauth-manager benchmark\n");
+    let _ = writeln!(
+        out,
+        "- Machine: {cores} cores (nproc), {}; service, load generator, fake provider and \
+         PostgreSQL share them",
+        cpu_model()
+    );
+    let _ = writeln!(out, "- Date: {}", Utc::now().format("%Y-%m-%d %H:%M UTC"));
+    let _ = writeln!(
+        out,
+        "- Build: {profile}; oauth-manager {} at {}",
+        env!("CARGO_PKG_VERSION"),
+        source_revision()
+    );
+    let _ = writeln!(
+        out,
+        "- Load: {} keep-alive HTTP/1.1 connections; `/healthz` and `…/token` {} s each, \
+         alternating in {} slices, after {} s warm-up each; {} seeded integrations; storm: {} \
+         concurrent callers, provider latency {} ms\n",
+        options.connections,
+        options.seconds,
+        options.rounds,
+        options.warmup,
+        options.integrations,
+        options.storm,
+        options.provider_latency.as_millis()
+    );
+    let mut header = String::from("| Metric |");
+    let mut rule = String::from("|---|");
+    for result in results {
+        let _ = write!(header, " {} {} |", result.backend, result.version);
+        rule.push_str("---:|");
+    }
+    let _ = writeln!(out, "{header}\n{rule}");
+    let mut row = |name: &str, cell: &dyn Fn(&BackendResult) -> String| {
+        let mut line = format!("| {name} |");
+        for result in results {
+            let _ = write!(line, " {} |", cell(result));
+        }
+        let _ = writeln!(out, "{line}");
+    };
+    let latencies = |m: &Measured| {
+        format!(
+            "{} / {} / {}",
+            ms(m.percentile(0.50)),
+            ms(m.percentile(0.99)),
+            ms(m.max())
+        )
+    };
+    row("`/healthz` requests/s", &|r| {
+        format!("{:.0}", r.healthz.per_second())
+    });
+    row("`/healthz` p50 / p99 / max (ms)", &|r| {
+        latencies(&r.healthz)
+    });
+    row("`/healthz` requests / errors", &|r| {
+        format!("{} / {}", r.healthz.requests(), r.healthz.errors)
+    });
+    row(
+        "`/healthz` CPU cores: busy = bench + postgres + other",
+        &|r| cpu(&r.healthz),
+    );
+    row("`…/token` requests/s", &|r| {
+        format!("{:.0}", r.token.per_second())
+    });
+    row("`…/token` p50 / p99 / max (ms)", &|r| latencies(&r.token));
+    row("`…/token` requests / errors", &|r| {
+        format!("{} / {}", r.token.requests(), r.token.errors)
+    });
+    row(
+        "`…/token` CPU cores: busy = bench + postgres + other",
+        &|r| cpu(&r.token),
+    );
+    row("token / healthz throughput", &|r| {
+        format!(
+            "{:.1} %",
+            100.0 * r.token.per_second() / r.healthz.per_second().max(1e-9)
+        )
+    });
+    row("target: ratio ≥ 50 %", &|r| {
+        verdict(r.token.per_second() >= 0.5 * r.healthz.per_second()).to_owned()
+    });
+    row("target: token p99 < 10 ms", &|r| {
+        verdict(r.token.percentile(0.99) < 10_000_000).to_owned()
+    });
+    row("storm: provider refreshes", &|r| {
+        r.storm.provider_refreshes.to_string()
+    });
+    row("storm: distinct tokens handed out", &|r| {
+        r.storm.distinct_tokens.to_string()
+    });
+    row("storm: callers / errors", &|r| {
+        format!("{} / {}", r.storm.callers, r.storm.measured.errors)
+    });
+    row("storm: caller p50 / p99 / max (ms)", &|r| {
+        latencies(&r.storm.measured)
+    });
+    row("storm: last answer after (ms)", &|r| {
+        ms(nanos(r.storm.wall))
+    });
+    row("storm: CPU cores: busy = bench + postgres + other", &|r| {
+        cpu(&r.storm.measured)
+    });
+    row("storm: max − provider latency (ms)", &|r| {
+        signed_ms(r.storm.over_provider_latency())
+    });
+    row("target: 1 refresh, all within provider + 50 ms", &|r| {
+        verdict(r.storm.met()).to_owned()
+    });
+    let errors: Vec<String> = results
+        .iter()
+        .flat_map(|r| {
+            [
+                ("/healthz", &r.healthz),
+                ("…/token", &r.token),
+                ("storm", &r.storm.measured),
+            ]
+            .into_iter()
+            .filter_map(move |(phase, m)| {
+                m.first_error
+                    .as_ref()
+                    .map(|err| format!("- {} {phase}: first error: {err}", r.backend))
+            })
+        })
+        .collect();
+    if !errors.is_empty() {
+        let _ = writeln!(out, "\n{}", errors.join("\n"));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn init_logging() {
+    // Quiet: warnings and errors only (`OAUTH_LOG` overrides), no per-request access log.
+    let filter = std::env::var("OAUTH_LOG")
+        .ok()
+        .and_then(|directives| tracing_subscriber::EnvFilter::try_new(directives).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    let options = parse_args()?;
+    if cfg!(debug_assertions) {
+        eprintln!("warning: debug build; run with --release for meaningful numbers");
+    }
+    let mut results = Vec::new();
+    for backend in &options.backends {
+        results.push(run_backend(backend, &options).await?);
+    }
+    println!("{}", report(&options, &results));
+    Ok(())
+}
