@@ -157,17 +157,7 @@ async fn admins_extend_the_catalog_and_their_edits_survive_a_restart() {
         entry(&google, "openid")["description"],
         "Sign in with Google (edited)"
     );
-    let events = app
-        .db
-        .list_audit_events(
-            None,
-            oauth_manager::storage::Page {
-                after: None,
-                limit: 100,
-            },
-        )
-        .await
-        .expect("audit");
+    let events = crate::support::audit_events(&app, None).await;
     assert!(events
         .items
         .iter()

@@ -884,17 +884,7 @@ async fn the_audit_log_records_the_flow_without_secrets() {
     let url = authorization_url(&app, "alice", "google", json!({})).await;
     let location = fake.authorize(&url).await;
     callback(&app, &location).await;
-    let events = app
-        .db
-        .list_audit_events(
-            Some("alice"),
-            oauth_manager::storage::Page {
-                after: None,
-                limit: 50,
-            },
-        )
-        .await
-        .expect("audit");
+    let events = crate::support::audit_events(&app, Some("alice")).await;
     let summary: Vec<(String, String, Option<String>)> = events
         .items
         .iter()

@@ -119,17 +119,7 @@ async fn withdrawing_a_consent_disconnects_its_integration() {
     let again: Value = withdraw("alice").await.json().await.expect("json");
     assert!(again["integration_disconnected"].is_null());
     assert_eq!(fake.count("google", Endpoint::Revoke), 1);
-    let events = app
-        .db
-        .list_audit_events(
-            Some("alice"),
-            oauth_manager::storage::Page {
-                after: None,
-                limit: 100,
-            },
-        )
-        .await
-        .expect("audit");
+    let events = crate::support::audit_events(&app, Some("alice")).await;
     assert_eq!(
         events
             .items

@@ -211,17 +211,7 @@ async fn invalid_grant_means_reauth_required_and_stops_calling_the_provider() {
         calls,
         "no provider call once needs_reauth"
     );
-    let events = app
-        .db
-        .list_audit_events(
-            Some("alice"),
-            oauth_manager::storage::Page {
-                after: None,
-                limit: 50,
-            },
-        )
-        .await
-        .expect("audit");
+    let events = crate::support::audit_events(&app, Some("alice")).await;
     assert!(events.items.iter().any(|e| e.action == "reauth_required"));
 }
 
@@ -677,17 +667,7 @@ async fn many_callers_meeting_invalid_grant_cause_one_provider_call() {
         1,
         "the dead refresh token is tried once"
     );
-    let events = app
-        .db
-        .list_audit_events(
-            Some("alice"),
-            oauth_manager::storage::Page {
-                after: None,
-                limit: 200,
-            },
-        )
-        .await
-        .expect("audit");
+    let events = crate::support::audit_events(&app, Some("alice")).await;
     assert_eq!(
         events
             .items

@@ -225,17 +225,7 @@ async fn looking_at_someone_elses_integration_is_a_404_and_is_audited() {
         )
         .await;
     assert_eq!(response.status(), 403, "no tokens:read at all");
-    let events = app
-        .db
-        .list_audit_events(
-            Some("alice"),
-            oauth_manager::storage::Page {
-                after: None,
-                limit: 100,
-            },
-        )
-        .await
-        .expect("audit");
+    let events = crate::support::audit_events(&app, Some("alice")).await;
     let denied: Vec<_> = events
         .items
         .iter()
@@ -408,17 +398,7 @@ async fn refused_exports_erasures_and_audit_reads_are_audited() {
             .expect("request");
         assert_eq!(response.status(), 403, "{path}");
     }
-    let events = app
-        .db
-        .list_audit_events(
-            Some("alice"),
-            oauth_manager::storage::Page {
-                after: None,
-                limit: 50,
-            },
-        )
-        .await
-        .expect("audit");
+    let events = crate::support::audit_events(&app, Some("alice")).await;
     let denied = events
         .items
         .iter()
@@ -454,17 +434,7 @@ async fn a_self_erasure_keeps_no_address_or_user_agent_of_the_user() {
         audit_rows_mentioning(&app, "alices-unique-browser").await,
         0
     );
-    let all = app
-        .db
-        .list_audit_events(
-            None,
-            oauth_manager::storage::Page {
-                after: None,
-                limit: 200,
-            },
-        )
-        .await
-        .expect("audit");
+    let all = crate::support::audit_events(&app, None).await;
     let erased = all
         .items
         .iter()

@@ -286,3 +286,18 @@ pub async fn count_rows(db: &Database, table: &str) -> i64 {
     }
     .expect("count")
 }
+
+/// Every audit event about `subject` (all users with `None`), oldest first.
+pub async fn audit_events(
+    app: &TestApp,
+    subject: Option<&str>,
+) -> oauth_manager::storage::Paged<oauth_manager::storage::audit::AuditEvent, i64> {
+    let page = oauth_manager::storage::Page {
+        after: None,
+        limit: 200,
+    };
+    app.db
+        .list_audit_events(subject, page)
+        .await
+        .expect("audit events")
+}
