@@ -106,6 +106,7 @@ pub async fn build_services(
         flights: Arc::default(),
         instance_id: uuid::Uuid::new_v4().to_string().into(),
         audit: crate::services::audit::AuditChains::new(config.audit_retention_days),
+        tokens_cache: crate::services::token_cache::TokenCache::new(config.lifecycle.token_cache),
     })
 }
 
@@ -157,6 +158,7 @@ impl Application {
         if let Some(background) = background {
             let _ = background.await;
         }
+        self.state.services.audit.flush().await;
         self.state.services.db.close().await;
         Ok(())
     }

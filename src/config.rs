@@ -532,6 +532,12 @@ fn parse_lifecycle(env: &Env<'_>) -> Result<LifecycleSettings, ConfigError> {
             defaults.provider_timeout.num_seconds(),
             1..=120,
         )?),
+        token_cache: Duration::seconds(parse_number(
+            env,
+            "OAUTH_TOKEN_CACHE_SECONDS",
+            defaults.token_cache.num_seconds(),
+            0..=60,
+        )?),
         ..defaults
     };
     // A refresh (a provider call, possibly one quick retry) must end before its lease does,

@@ -70,6 +70,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 use uuid::Uuid;
 
+use super::audit_writer::{AuditWriter, WriterDeps};
 use super::{Context, ServiceResult};
 use crate::storage::audit::{
     AuditWalk, ChainLink, ChainedAuditRow, NewAuditEvent, Outcome, PrunedRange, CHECKPOINT_ACTION,
@@ -179,6 +180,7 @@ impl std::fmt::Debug for Salt {
 pub struct AuditChains {
     salt: Arc<OnceCell<Salt>>,
     retention: Option<Duration>,
+    writer: AuditWriter,
 }
 
 impl AuditChains {
@@ -187,11 +189,17 @@ impl AuditChains {
         Self {
             salt: Arc::default(),
             retention: retention_days.map(|days| Duration::days(i64::from(days))),
+            writer: AuditWriter::default(),
         }
     }
 
     pub fn retention(&self) -> Option<Duration> {
         self.retention
+    }
+
+    /// Waits until every event recorded so far is written (see [`AuditWriter::flush`]).
+    pub async fn flush(&self) {
+        self.writer.flush().await;
     }
 }
 
@@ -250,11 +258,27 @@ pub fn row_hash(salt: &Salt, link: &ChainLink<'_>, event: &NewAuditEvent) -> [u8
     Sha256::digest(canonical.as_bytes()).into()
 }
 
-/// Appends `event` to the audit log. The one way services write audit events; a failure is
-/// logged at error level and does not fail the caller.
+/// Appends `event` to the audit log and waits for its commit. The one way services write audit
+/// events; a failure is logged at error level and does not fail the caller.
 pub async fn record(ctx: &Context, event: &NewAuditEvent) {
     if let Err(err) = append(ctx, event).await {
         tracing::error!(error = %err, action = %event.action, "audit event could not be written");
+    }
+}
+
+/// Queues `event` for the next group commit without waiting for it: for the token hand-out,
+/// the one event on the hot path (see [`super::audit_writer`] for what a crash can lose).
+pub async fn record_detached(ctx: &Context, event: NewAuditEvent) {
+    if let Err(err) = ctx.audit.writer.enqueue(|| writer_deps(ctx), event).await {
+        tracing::error!(error = %err, "audit event could not be queued");
+    }
+}
+
+fn writer_deps(ctx: &Context) -> WriterDeps {
+    WriterDeps {
+        db: ctx.db.clone(),
+        salt: ctx.audit.salt.clone(),
+        clock: ctx.clock.clone(),
     }
 }
 
@@ -280,25 +304,24 @@ pub async fn denied(
 
 /// Appends `event` to its chain and returns the row id (for callers that must know).
 pub async fn append(ctx: &Context, event: &NewAuditEvent) -> ServiceResult<i64> {
-    let salt = salt(ctx).await?;
-    let mut event = event.clone();
-    // Stored exactly as hashed: PostgreSQL keeps microseconds (and would round, not truncate).
-    event.occurred_at = crate::clock::truncate(event.occurred_at);
-    let chain = chain_key(&salt, event.subject_user_id.as_deref());
-    let hasher =
-        move |link: &ChainLink<'_>, event: &NewAuditEvent| row_hash(&salt, link, event).to_vec();
-    Ok(ctx
-        .db
-        .append_chained_audit_event(&chain, &event, &hasher)
-        .await?)
+    ctx.audit
+        .writer
+        .append(|| writer_deps(ctx), event.clone())
+        .await
 }
 
 /// The deployment's salt: cached, else read from the genesis row, else created with it.
 async fn salt(ctx: &Context) -> ServiceResult<Salt> {
-    let salt = ctx
-        .audit
-        .salt
-        .get_or_try_init(|| load_or_create_salt(&ctx.db, ctx.clock.now()))
+    salt_of(&ctx.audit.salt, &ctx.db, ctx.clock.now()).await
+}
+
+pub(super) async fn salt_of(
+    cell: &OnceCell<Salt>,
+    db: &Database,
+    now: DateTime<Utc>,
+) -> ServiceResult<Salt> {
+    let salt = cell
+        .get_or_try_init(|| load_or_create_salt(db, now))
         .await?;
     Ok(*salt)
 }

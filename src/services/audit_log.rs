@@ -36,6 +36,8 @@ pub async fn list(
         }
         _ => Some(principal.user_id.clone()),
     };
+    // Hand-out events are written in the background: a reader sees its own process's events.
+    ctx.audit.flush().await;
     let filter = AuditFilter {
         subject_user_id: subject,
         integration_id: query.integration_id,

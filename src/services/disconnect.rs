@@ -85,6 +85,8 @@ pub async fn disconnect(
             attempt(ctx, &integration.provider, &integration.user_id, &sealed, 0).await
         }
     };
+    // After the write: a hand-out that read the row before it re-caches for at most the TTL.
+    ctx.tokens_cache.forget(id);
     if let Some(lease) = lease {
         ctx.db.release_token_lease(id, &lease).await?;
     }

@@ -934,6 +934,8 @@ async fn save(
         .save_connection(&connection, seal, &mut consent)
         .await
         .map_err(|err| CallbackError::internal(&err))?;
+    // A reconnect replaced the tokens (and maybe the scopes).
+    ctx.tokens_cache.forget(saved.integration.id);
     audit::record(ctx, &event.integration(Some(saved.integration.id))).await;
     Ok(saved.integration)
 }

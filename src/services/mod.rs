@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod audit_log;
+pub mod audit_writer;
 pub mod catalog;
 pub mod consents;
 pub mod disconnect;
@@ -10,6 +11,7 @@ pub mod flow;
 pub mod integrations;
 pub mod keys;
 pub mod privacy;
+pub mod token_cache;
 pub mod tokens;
 pub mod vault;
 pub mod worker;
@@ -43,8 +45,10 @@ pub struct Context {
     pub flights: Arc<tokens::Flights>,
     /// This process's name on refresh leases.
     pub instance_id: Arc<str>,
-    /// Audit hash chains: the cached digest salt and the retention period.
+    /// Audit hash chains: the cached digest salt, the retention period and the writer.
     pub audit: audit::AuditChains,
+    /// Recently handed-out tokens (`OAUTH_TOKEN_CACHE_SECONDS`).
+    pub tokens_cache: token_cache::TokenCache,
 }
 
 impl Context {

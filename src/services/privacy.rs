@@ -87,6 +87,7 @@ pub async fn export(
     };
     let integrations = all_pages(|after| ctx.db.list_integrations(&filter, page(after))).await?;
     let consents = all_pages(|after| ctx.db.list_consents(Some(user_id), page(after))).await?;
+    ctx.audit.flush().await;
     let audit_events =
         all_pages(|after| ctx.db.list_audit_events_involving(user_id, page(after))).await?;
     let audit_events = super::audit_log::redact_for(principal, audit_events);
@@ -143,6 +144,9 @@ pub async fn erase(
         }
     }
     let deleted = ctx.db.erase_user_data(user_id).await?;
+    ctx.tokens_cache.forget_all();
+    // Queued hand-out events of this user must be written before they are pseudonymised.
+    ctx.audit.flush().await;
     let pseudonymised = audit::pseudonymise_user(ctx, user_id).await?;
     let now = ctx.clock.now();
     // The record of the erasure names nobody: when users erase themselves, neither their id

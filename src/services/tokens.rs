@@ -38,7 +38,7 @@ use super::{integrations, Context, ServiceError, ServiceResult};
 use crate::auth::rbac::{Actor, ReadTokens, RequiredPermission};
 use crate::oauth::{request_token, FailureClass, TokenError, TokenGrant, TokenResponse};
 use crate::providers::RefreshRotation;
-use crate::storage::audit::Outcome;
+use crate::storage::audit::{NewAuditEvent, Outcome};
 use crate::storage::integrations::{Integration, IntegrationStatus};
 use crate::storage::tokens::SealedTokens;
 
@@ -54,6 +54,9 @@ pub struct LifecycleSettings {
     pub provider_timeout: Duration,
     /// A forced refresh within this long of the last one returns the current token instead.
     pub min_forced_interval: Duration,
+    /// How long a process hands out a token from memory without reading the database
+    /// (`OAUTH_TOKEN_CACHE_SECONDS`; zero turns the cache off). See [`super::token_cache`].
+    pub token_cache: Duration,
 }
 
 impl Default for LifecycleSettings {
@@ -63,6 +66,7 @@ impl Default for LifecycleSettings {
             lease: Duration::seconds(60),
             provider_timeout: Duration::seconds(15),
             min_forced_interval: Duration::seconds(10),
+            token_cache: Duration::seconds(2),
         }
     }
 }
@@ -120,6 +124,14 @@ pub async fn access_token(
     id: Uuid,
     client: &RequestContext,
 ) -> ServiceResult<IssuedToken> {
+    if let Some(issued) = cached_token(ctx, actor, id) {
+        audit::record_detached(
+            ctx,
+            handed_out(ctx, actor, &issued.integration, Outcome::Success, client),
+        )
+        .await;
+        return Ok(issued);
+    }
     let integration = integrations::visible(ctx, actor, id, client).await?;
     let result = usable_tokens(
         ctx,
@@ -134,7 +146,46 @@ pub async fn access_token(
     } else {
         Outcome::Failure
     };
-    let event = audit::event(
+    audit::record_detached(ctx, handed_out(ctx, actor, &integration, outcome, client)).await;
+    let tokens = result?;
+    Ok(IssuedToken {
+        access_token: tokens.access_token,
+        token_type: tokens.token_type,
+        expires_at: tokens.expires_at,
+        integration,
+    })
+}
+
+/// The fast path: a token this process read or refreshed moments ago, still good to hand out
+/// to this caller. Anything else (not cached, someone else's, due for refresh) takes the
+/// full path, which also audits refusals.
+fn cached_token(ctx: &Context, actor: &Actor<ReadTokens>, id: Uuid) -> Option<IssuedToken> {
+    let cached = ctx.tokens_cache.get(id)?;
+    let now = ctx.clock.now();
+    let usable = actor.can_access(&cached.integration.user_id)
+        && !needs_refresh(
+            &Trigger::OnDemand,
+            &cached.tokens,
+            cached.stored_at,
+            now,
+            &ctx.lifecycle,
+        );
+    usable.then(|| IssuedToken {
+        access_token: cached.tokens.access_token.clone(),
+        token_type: cached.tokens.token_type.clone(),
+        expires_at: cached.tokens.expires_at,
+        integration: cached.integration.clone(),
+    })
+}
+
+fn handed_out(
+    ctx: &Context,
+    actor: &Actor<ReadTokens>,
+    integration: &Integration,
+    outcome: Outcome,
+    client: &RequestContext,
+) -> NewAuditEvent {
+    audit::event(
         "token_handed_out",
         outcome,
         Some(actor.user_id()),
@@ -143,15 +194,7 @@ pub async fn access_token(
         ctx.clock.now(),
     )
     .provider(&integration.provider)
-    .integration(Some(id));
-    audit::record(ctx, &event).await;
-    let tokens = result?;
-    Ok(IssuedToken {
-        access_token: tokens.access_token,
-        token_type: tokens.token_type,
-        expires_at: tokens.expires_at,
-        integration,
-    })
+    .integration(Some(integration.id))
 }
 
 /// Refreshes now (`POST …/refresh`). With `rejected`, only if that is still the stored token:
@@ -222,7 +265,15 @@ pub async fn ensure_fresh(
         .await?
         .ok_or_else(|| reauth(integration))?;
     let current = ctx.vault.open(&integration.user_id, &sealed)?;
-    if !needs_refresh(&trigger, &current, &sealed, ctx.clock.now(), &ctx.lifecycle) {
+    if !needs_refresh(
+        &trigger,
+        &current,
+        sealed.updated_at,
+        ctx.clock.now(),
+        &ctx.lifecycle,
+    ) {
+        ctx.tokens_cache
+            .put(integration, &current, sealed.updated_at);
         return Ok(current);
     }
     let task = tokio::spawn(single_flight(
@@ -283,6 +334,19 @@ async fn single_flight(
 ) -> ServiceResult<TokenSet> {
     let ctx = &ctx;
     let _flight = ctx.flights.lock(integration.id).await;
+    // Waiters of a refresh in this process find its result here without a database read.
+    if let Some(cached) = ctx.tokens_cache.get(integration.id) {
+        let stored_at = cached.stored_at;
+        if !needs_refresh(
+            &trigger,
+            &cached.tokens,
+            stored_at,
+            ctx.clock.now(),
+            &ctx.lifecycle,
+        ) {
+            return Ok(cached.tokens.clone());
+        }
+    }
     let deadline = Instant::now() + WAIT_FOR_OTHER_REFRESHER;
     loop {
         let now = ctx.clock.now();
@@ -292,7 +356,7 @@ async fn single_flight(
             .await?
             .ok_or_else(|| reauth(&integration))?;
         let current = ctx.vault.open(&integration.user_id, &sealed)?;
-        if !needs_refresh(&trigger, &current, &sealed, now, &ctx.lifecycle) {
+        if !needs_refresh(&trigger, &current, sealed.updated_at, now, &ctx.lifecycle) {
             return Ok(current);
         }
         // A caller before us may have given up on this integration, or be backing off.
@@ -411,7 +475,7 @@ async fn no_refresh_token(
 fn needs_refresh(
     trigger: &Trigger,
     current: &TokenSet,
-    sealed: &SealedTokens,
+    stored_at: DateTime<Utc>,
     now: DateTime<Utc>,
     settings: &LifecycleSettings,
 ) -> bool {
@@ -421,11 +485,11 @@ fn needs_refresh(
             .is_some_and(|expires| expires - margin <= now)
     };
     match trigger {
-        Trigger::OnDemand => expiring_within(skew(settings.refresh_skew, current, sealed)),
+        Trigger::OnDemand => expiring_within(skew(settings.refresh_skew, current, stored_at)),
         // The worker's window, but never more than half the token's lifetime: a token living
         // less than the window would otherwise be refreshed on every tick.
         Trigger::Background { window } => {
-            expiring_within(background_margin(*window, current, sealed))
+            expiring_within(background_margin(*window, current, stored_at))
         }
         Trigger::Rejected { access_token } => {
             let still_current = access_token.as_ref().is_none_or(|rejected| {
@@ -437,24 +501,24 @@ fn needs_refresh(
                 )
             });
             // Refreshed moments ago and rejected again: refreshing once more cannot help.
-            still_current && sealed.updated_at + settings.min_forced_interval <= now
+            still_current && stored_at + settings.min_forced_interval <= now
         }
     }
 }
 
 /// The refresh margin: the configured skew, but never more than a quarter of the token's
 /// lifetime, so short-lived tokens are not refreshed on every call.
-fn skew(configured: Duration, current: &TokenSet, sealed: &SealedTokens) -> Duration {
+fn skew(configured: Duration, current: &TokenSet, stored_at: DateTime<Utc>) -> Duration {
     match current.expires_at {
-        Some(expires) => configured.min((expires - sealed.updated_at) / 4),
+        Some(expires) => configured.min((expires - stored_at) / 4),
         None => Duration::zero(),
     }
 }
 
 /// When the background worker should refresh: within `window` of expiry, at most half-way.
-fn background_margin(window: Duration, current: &TokenSet, sealed: &SealedTokens) -> Duration {
+fn background_margin(window: Duration, current: &TokenSet, stored_at: DateTime<Utc>) -> Duration {
     match current.expires_at {
-        Some(expires) => window.min((expires - sealed.updated_at) / 2),
+        Some(expires) => window.min((expires - stored_at) / 2),
         None => Duration::zero(),
     }
 }
@@ -582,11 +646,15 @@ async fn store_refreshed(
     ctx.db
         .mark_integration_refreshed(integration.id, now)
         .await?;
+    let mut refreshed = integration.clone();
+    refreshed.last_refreshed_at = Some(now);
     if let Some(scopes) = reported_scopes.filter(|scopes| *scopes != integration.granted_scopes) {
         ctx.db
             .set_granted_scopes(integration.id, &scopes, now)
             .await?;
+        refreshed.granted_scopes = scopes;
     }
+    ctx.tokens_cache.put(&refreshed, &fresh, sealed.updated_at);
     let event = audit::event("token_refreshed", Outcome::Success, Some(actor), Some(&integration.user_id), client, now)
         .provider(&integration.provider)
         .integration(Some(integration.id))
@@ -734,6 +802,7 @@ async fn give_up(
     client: &RequestContext,
 ) -> ServiceResult<TokenSet> {
     let now = ctx.clock.now();
+    ctx.tokens_cache.forget(integration.id);
     ctx.db
         .set_integration_status(
             integration.id,
@@ -806,14 +875,14 @@ mod tests {
         assert!(!needs_refresh(
             &Trigger::OnDemand,
             &hour,
-            &sealed,
+            sealed.updated_at,
             issued + Duration::minutes(54),
             &settings
         ));
         assert!(needs_refresh(
             &Trigger::OnDemand,
             &hour,
-            &sealed,
+            sealed.updated_at,
             issued + Duration::minutes(56),
             &settings
         ));
@@ -822,14 +891,14 @@ mod tests {
         assert!(!needs_refresh(
             &Trigger::OnDemand,
             &minute,
-            &sealed,
+            sealed.updated_at,
             issued + Duration::seconds(40),
             &settings
         ));
         assert!(needs_refresh(
             &Trigger::OnDemand,
             &minute,
-            &sealed,
+            sealed.updated_at,
             issued + Duration::seconds(46),
             &settings
         ));
@@ -837,7 +906,7 @@ mod tests {
         assert!(!needs_refresh(
             &Trigger::OnDemand,
             &unknown,
-            &sealed,
+            sealed.updated_at,
             issued + Duration::days(365),
             &settings
         ));
@@ -855,14 +924,14 @@ mod tests {
         assert!(needs_refresh(
             &rejected("at"),
             &tokens,
-            &sealed,
+            sealed.updated_at,
             later,
             &settings
         ));
         assert!(!needs_refresh(
             &rejected("an-older-token"),
             &tokens,
-            &sealed,
+            sealed.updated_at,
             later,
             &settings
         ));
@@ -870,7 +939,7 @@ mod tests {
             !needs_refresh(
                 &rejected("at"),
                 &tokens,
-                &sealed,
+                sealed.updated_at,
                 issued + Duration::seconds(3),
                 &settings
             ),

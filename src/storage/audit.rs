@@ -223,18 +223,20 @@ macro_rules! insert_query {
     }};
 }
 
-/// Runs `$body` inside a write transaction, bound to `$tx`, holding `$lock`'s chain lock when
-/// it is `Some(chain)`; commits when the body completes (an early `return` or `?` rolls back).
+/// Runs `$body` inside a write transaction, bound to `$tx`, holding the chain locks of the
+/// chains in `$lock` (a sorted slice); commits when the body completes (an early `return` or `?` rolls back).
 /// The body is compiled once per driver.
 macro_rules! with_write_tx {
     ($db:expr, $lock:expr, $tx:ident => $body:expr) => {
         match $db {
             Database::Postgres(pool) => {
-                let lock: Option<&str> = $lock;
+                let locks: &[&str] = $lock;
                 let mut $tx = pool
                     .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
                     .await?;
-                if let Some(chain) = lock {
+                // Callers pass chains sorted: two transactions taking overlapping sets in the
+                // same order cannot deadlock.
+                for chain in locks {
                     sqlx::query(PG_CHAIN_LOCK_SQL)
                         .bind(chain)
                         .execute(&mut *$tx)
@@ -246,7 +248,7 @@ macro_rules! with_write_tx {
             }
             Database::Sqlite(pool) => {
                 // One writer at a time: the immediate transaction is the (database-wide) lock.
-                let _: Option<&str> = $lock;
+                let _: &[&str] = $lock;
                 let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
                 let value = $body;
                 $tx.commit().await?;
@@ -323,17 +325,43 @@ impl Database {
         )
     }
 
-    /// Appends `event` at the end of `chain`, atomically under the chain's lock; `hash`
-    /// computes the new row's hash from its position. Returns the row id.
-    pub async fn append_chained_audit_event(
+    /// Appends `events` (each with its chain), in order, in one transaction holding every
+    /// chain's lock: the group commit of [`crate::services::audit_writer`]. Returns the row ids
+    /// in the order of `events`.
+    pub async fn append_chained_audit_events(
         &self,
-        chain: &str,
-        event: &NewAuditEvent,
+        events: &[(String, NewAuditEvent)],
         hash: RowHasher<'_>,
-    ) -> StorageResult<i64> {
-        let (id, _, _) =
-            with_write_tx!(self, Some(chain), tx => append_locked!(tx, chain, event, hash));
-        Ok(id)
+    ) -> StorageResult<Vec<i64>> {
+        let mut chains: Vec<&str> = events.iter().map(|(chain, _)| chain.as_str()).collect();
+        chains.sort_unstable();
+        chains.dedup();
+        let ids = with_write_tx!(self, &chains, tx => {
+            let mut heads: HashMap<&str, (i64, Vec<u8>)> = HashMap::with_capacity(chains.len());
+            for chain in &chains {
+                let head: Option<(i64, Vec<u8>)> = sqlx::query_as(HEAD_SQL)
+                    .bind(*chain)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                heads.insert(chain, head.unwrap_or((0, ZERO_HASH.to_vec())));
+            }
+            let mut ids = Vec::with_capacity(events.len());
+            for (chain, event) in events {
+                let (seq, prev_hash) = heads
+                    .get(chain.as_str())
+                    .map(|(seq, hash)| (seq + 1, hash.clone()))
+                    .unwrap_or((1, ZERO_HASH.to_vec()));
+                let link = ChainLink { chain, seq, prev_hash: &prev_hash };
+                let row_hash = hash(&link, event);
+                let id = insert_query!(event, chain.as_str(), seq, &prev_hash, &row_hash)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                heads.insert(chain, (seq, row_hash));
+                ids.push(id);
+            }
+            ids
+        });
+        Ok(ids)
     }
 
     /// The genesis row (seq 1 of the genesis chain), if the chain was started.
@@ -369,7 +397,7 @@ impl Database {
         );
         const ADOPT_SQL: &str = "UPDATE oauth_audit_log SET chain = $1, chain_seq = $2, \
             prev_hash = $3, row_hash = $4 WHERE id = $5";
-        let row: ChainedAuditRow = with_write_tx!(self, Some(GENESIS_CHAIN), tx => {
+        let row: ChainedAuditRow = with_write_tx!(self, &[GENESIS_CHAIN], tx => {
             let existing: Option<ChainedAuditRow> = sqlx::query_as(&select_genesis)
                 .bind(GENESIS_CHAIN)
                 .fetch_optional(&mut *tx)
@@ -543,7 +571,7 @@ impl Database {
         const HASH_SQL: &str =
             "SELECT row_hash FROM oauth_audit_log WHERE chain = $1 AND chain_seq = $2";
         const DELETE_SQL: &str = "DELETE FROM oauth_audit_log WHERE chain = $1 AND chain_seq <= $2";
-        let pruned = with_write_tx!(self, Some(chain), tx => {
+        let pruned = with_write_tx!(self, &[chain], tx => {
             let head: Option<(i64, Vec<u8>)> = sqlx::query_as(HEAD_SQL)
                 .bind(chain)
                 .fetch_optional(&mut *tx)
@@ -629,7 +657,7 @@ impl Database {
                 _ => pseudonym(&value),
             })
         };
-        let changed = with_write_tx!(self, None, tx => {
+        let changed = with_write_tx!(self, &[], tx => {
             let mut changed = 0_u64;
             let mut after = 0_i64;
             loop {

@@ -14,6 +14,7 @@ mod crash;
 mod encryption;
 mod fake_provider_selftest;
 mod health;
+mod hot_path;
 mod integrations;
 mod lifecycle;
 mod migrations;

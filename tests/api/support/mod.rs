@@ -296,6 +296,8 @@ pub async fn audit_events(
         after: None,
         limit: 200,
     };
+    // Hand-out events are written by the audit writer in the background.
+    app.state.services.audit.flush().await;
     app.db
         .list_audit_events(subject, page)
         .await

@@ -1,0 +1,179 @@
+//! The hand-out's fast path: the in-process token cache (bounded staleness, local changes seen
+//! at once) and the audit writer's group commit (no event lost, chains intact, erasure covers
+//! events still queued).
+
+use std::time::Duration as StdDuration;
+
+use serde_json::{json, Value};
+
+use crate::connect::connect;
+use crate::support::fake_provider::{Consent, FakeProvider};
+use crate::support::{audit_events, problem, spawn_with_fake_and, TestApp};
+
+async fn connected(app: &TestApp, fake: &FakeProvider, user: &str, subject: &str) -> String {
+    let (status, result) =
+        connect(app, fake, "google", user, Consent::user(subject), json!({})).await;
+    assert_eq!(status, 200, "{result}");
+    result["integration_id"].as_str().expect("id").to_owned()
+}
+
+async fn hand_out_status(app: &TestApp, id: &str) -> u16 {
+    app.get_as(
+        &format!("/api/v1/oauth/integrations/{id}/token"),
+        "backend",
+        &["service"],
+    )
+    .await
+    .status()
+    .as_u16()
+}
+
+async fn disconnect(app: &TestApp, id: &str) {
+    let response = app
+        .http
+        .delete(app.url(&format!("/api/v1/oauth/integrations/{id}")))
+        .bearer_auth(app.token("alice", &["user"]))
+        .send()
+        .await
+        .expect("disconnect");
+    assert!(response.status().is_success(), "{}", response.status());
+}
+
+#[tokio::test]
+async fn a_disconnect_takes_effect_at_once_here_and_within_the_cache_ttl_on_other_replicas() {
+    let (app, fake) = spawn_with_fake_and(&[("OAUTH_TOKEN_CACHE_SECONDS", "1")]).await;
+    let other = app.sibling().await;
+    let here = connected(&app, &fake, "alice", "g-1").await;
+    let there = connected(&app, &fake, "alice", "g-2").await;
+    assert_eq!(hand_out_status(&app, &here).await, 200);
+    assert_eq!(hand_out_status(&app, &there).await, 200);
+
+    // This replica disconnects: its own cache forgets at once.
+    disconnect(&app, &here).await;
+    assert_eq!(hand_out_status(&app, &here).await, 409);
+
+    // Another replica disconnects: this one may answer from memory until its entry expires,
+    // never longer.
+    disconnect(&other, &there).await;
+    assert_eq!(
+        hand_out_status(&app, &there).await,
+        200,
+        "served from this replica's cache (the documented staleness bound)"
+    );
+    tokio::time::sleep(StdDuration::from_millis(1200)).await;
+    let (status, body) = problem(
+        app.get_as(
+            &format!("/api/v1/oauth/integrations/{there}/token"),
+            "backend",
+            &["service"],
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "integration_revoked");
+}
+
+#[tokio::test]
+async fn with_the_cache_off_every_hand_out_reads_the_database() {
+    let (app, fake) = spawn_with_fake_and(&[("OAUTH_TOKEN_CACHE_SECONDS", "0")]).await;
+    let other = app.sibling().await;
+    let id = connected(&app, &fake, "alice", "g-1").await;
+    assert_eq!(hand_out_status(&app, &id).await, 200);
+    disconnect(&other, &id).await;
+    assert_eq!(hand_out_status(&app, &id).await, 409);
+}
+
+#[tokio::test]
+async fn a_cached_token_is_only_handed_to_callers_who_may_read_it() {
+    let (app, fake) = spawn_with_fake_and(&[]).await;
+    let id = connected(&app, &fake, "alice", "g-1").await;
+    assert_eq!(hand_out_status(&app, &id).await, 200, "now cached");
+    let (status, _) = problem(
+        app.get_as(
+            &format!("/api/v1/oauth/integrations/{id}/token"),
+            "mallory",
+            &["user"],
+        )
+        .await,
+    )
+    .await;
+    assert!(status == 403 || status == 404, "{status}");
+    let mine = app
+        .get_as(
+            &format!("/api/v1/oauth/integrations/{id}/token"),
+            "alice",
+            &["user", "backend"],
+        )
+        .await;
+    // Whatever the owner's roles allow, the cache never widens it.
+    let owner_status = mine.status().as_u16();
+    assert!(
+        [200, 403].contains(&owner_status),
+        "the owner gets what the roles allow: {owner_status}"
+    );
+}
+
+#[tokio::test]
+async fn every_concurrent_hand_out_is_audited_once_in_intact_chains() {
+    let (app, fake) = spawn_with_fake_and(&[]).await;
+    let id = connected(&app, &fake, "alice", "g-1").await;
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (http, url, token) = (
+            app.http.clone(),
+            app.url(&format!("/api/v1/oauth/integrations/{id}/token")),
+            app.token("backend", &["service"]),
+        );
+        calls.spawn(async move {
+            let response = http.get(url).bearer_auth(token).send().await;
+            response.expect("hand-out").status().as_u16()
+        });
+    }
+    while let Some(status) = calls.join_next().await {
+        assert_eq!(status.expect("task"), 200);
+    }
+    let events = audit_events(&app, Some("alice")).await;
+    let handed_out = events
+        .items
+        .iter()
+        .filter(|event| event.action == "token_handed_out")
+        .count();
+    assert_eq!(handed_out, 64);
+    let report = oauth_manager::services::audit::verify(&app.db)
+        .await
+        .expect("verify");
+    assert!(report.is_ok(), "{:?}", report.first_problem);
+}
+
+#[tokio::test]
+async fn erasure_also_pseudonymises_hand_out_events_still_queued() {
+    let (app, fake) = spawn_with_fake_and(&[]).await;
+    let id = connected(&app, &fake, "alice", "g-1").await;
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let (http, url, token) = (
+            app.http.clone(),
+            app.url(&format!("/api/v1/oauth/integrations/{id}/token")),
+            app.token("backend", &["service"]),
+        );
+        calls.spawn(async move { http.get(url).bearer_auth(token).send().await });
+    }
+    while calls.join_next().await.is_some() {}
+    let response = app
+        .http
+        .delete(app.url("/api/v1/oauth/users/alice"))
+        .bearer_auth(app.token("root", &["admin"]))
+        .send()
+        .await
+        .expect("erase");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert!(body["audit_rows_pseudonymised"].as_u64().unwrap_or(0) >= 100);
+    let events = audit_events(&app, Some("alice")).await;
+    assert!(
+        events.items.is_empty(),
+        "no audit row names alice after erasure: {:?}",
+        events.items.first().map(|event| &event.action)
+    );
+}
