@@ -430,6 +430,47 @@ impl FakeProvider {
             .push_back(fault);
     }
 
+    /// Adds `delay` to every request to (provider, endpoint) from now on (unlike a queued
+    /// [`Fault::Latency`], which delays one request): a provider that is slow all the time.
+    pub fn set_latency(&self, provider: &str, endpoint: Endpoint, delay: Duration) {
+        self.shared
+            .lock()
+            .latencies
+            .insert((provider.to_owned(), endpoint), delay);
+    }
+
+    /// Ends a standing latency set by [`FakeProvider::set_latency`].
+    pub fn clear_latency(&self, provider: &str, endpoint: Endpoint) {
+        self.shared
+            .lock()
+            .latencies
+            .remove(&(provider.to_owned(), endpoint));
+    }
+
+    /// Time spent handling requests so far, summed over all requests (latency included):
+    /// what a caller's time minus this is the caller's own overhead.
+    pub fn handling_time(&self) -> Duration {
+        self.shared.lock().handling_time
+    }
+
+    /// A grant as a completed code exchange with consent leaves it (refresh token included),
+    /// for seeding many connections without running each flow. Returns the token response.
+    pub fn mint_grant(&self, provider: &str, subject: &str, scopes: &[&str]) -> Value {
+        let scopes: Vec<String> = scopes.iter().map(|scope| (*scope).to_owned()).collect();
+        let mut guard = self.shared.lock();
+        let inner = &mut *guard;
+        let grant = inner.grants.len();
+        inner.grants.push(Grant {
+            provider: provider.to_owned(),
+            client_id: client_id(provider),
+            consent: Consent::user(subject),
+            scopes: scopes.clone(),
+            revoked: false,
+        });
+        self.shared
+            .issue(inner, Kind::of(provider), grant, &scopes, true, None)
+    }
+
     /// Lifetime of access tokens issued from now on (`expires_in`, except for Notion, which
     /// never says: reference §2 Notion "AT lifetime is undocumented, with no expires_in").
     pub fn set_access_token_lifetime(&self, provider: &str, seconds: i64) {
@@ -552,6 +593,9 @@ struct Shared {
 #[derive(Default)]
 struct Inner {
     requests: Vec<RecordedRequest>,
+    /// Standing latency per (provider, endpoint) ([`FakeProvider::set_latency`]).
+    latencies: HashMap<(String, Endpoint), Duration>,
+    handling_time: Duration,
     consents: HashMap<String, VecDeque<Consent>>,
     faults: HashMap<(String, Endpoint), VecDeque<Fault>>,
     lifetimes: HashMap<String, i64>,
@@ -740,20 +784,24 @@ async fn handle(
         form,
         body_was_json,
     };
-    let fault = {
+    let began = std::time::Instant::now();
+    let key = (route.provider.clone(), route.endpoint);
+    let (fault, latency) = {
         let mut inner = shared.lock();
         inner.requests.push(request.clone());
-        inner
-            .faults
-            .get_mut(&(route.provider.clone(), route.endpoint))
-            .and_then(VecDeque::pop_front)
+        let fault = inner.faults.get_mut(&key).and_then(VecDeque::pop_front);
+        (fault, inner.latencies.get(&key).copied())
     };
-    if let Some(fault) = fault {
-        if let Some(response) = apply_fault(Kind::of(&route.provider), fault).await {
-            return response;
-        }
+    if let Some(latency) = latency {
+        tokio::time::sleep(latency).await;
     }
-    shared.dispatch(&route, &request)
+    let response = match fault {
+        Some(fault) => apply_fault(Kind::of(&route.provider), fault).await,
+        None => None,
+    };
+    let response = response.unwrap_or_else(|| shared.dispatch(&route, &request));
+    shared.lock().handling_time += began.elapsed();
+    response
 }
 
 /// The fault's response, or `None` to carry on with normal handling.

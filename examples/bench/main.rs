@@ -21,8 +21,9 @@
 //! in the same process (and on the same cores) as the service, so compare numbers of one run
 //! with each other rather than with other machines. See BENCHMARKS.md.
 
-#[path = "../tests/api/support/fake_provider.rs"]
+#[path = "../../tests/api/support/fake_provider.rs"]
 mod fake_provider;
+mod fleet;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -67,7 +68,13 @@ const USAGE: &str = "usage: cargo run --release --example bench -- [options]
   --connections N          concurrent keep-alive connections (default 64)
   --integrations N         integrations seeded per backend (default 1000)
   --storm N                concurrent callers in the refresh storm (default 1000)
-  --provider-latency-ms N  latency of the fake token endpoint in the storm (default 50)
+  --provider-latency-ms N  latency of the fake token endpoint in the storm and the fleet
+                           phase (default 50)
+  --flows N                concurrent complete connect flows in the burst (default 1000)
+  --fleet N                integrations the background refresher of a `serve` process
+                           refreshes while serving (default 100000; 0 skips; needs
+                           `cargo build --release` for target/release/oauth-manager)
+  --refresh-concurrency N  OAUTH_REFRESH_CONCURRENCY of that process (default 128)
   --database B             sqlite, postgres or both (default: both when a PostgreSQL URL is
                            given by --postgres-url or TEST_DATABASE_URL, else sqlite)
   --postgres-url URL       PostgreSQL server; a fresh database is created and dropped";
@@ -100,6 +107,12 @@ struct Options {
     integrations: usize,
     storm: usize,
     provider_latency: StdDuration,
+    /// Concurrent complete connect flows in the burst.
+    flows: usize,
+    /// Integrations the background refresher refreshes in the fleet phase (0: skip it).
+    fleet: usize,
+    /// `OAUTH_REFRESH_CONCURRENCY` of the fleet phase's `serve` process.
+    refresh_concurrency: usize,
     backends: Vec<Backend>,
 }
 
@@ -111,6 +124,9 @@ fn parse_args() -> anyhow::Result<Options> {
     let mut integrations = 1000;
     let mut storm = 1000;
     let mut latency_ms = 50;
+    let mut flows = 1000;
+    let mut fleet = 100_000;
+    let mut refresh_concurrency = 128;
     let mut database: Option<String> = None;
     let mut postgres_url: Option<String> = None;
     let mut args = std::env::args().skip(1);
@@ -141,6 +157,11 @@ fn parse_args() -> anyhow::Result<Options> {
             "--integrations" => integrations = usize::try_from(number(value()?)?.max(1))?,
             "--storm" => storm = usize::try_from(number(value()?)?.max(1))?,
             "--provider-latency-ms" => latency_ms = number(value()?)?,
+            "--flows" => flows = usize::try_from(number(value()?)?.max(1))?,
+            "--fleet" => fleet = usize::try_from(number(value()?)?)?,
+            "--refresh-concurrency" => {
+                refresh_concurrency = usize::try_from(number(value()?)?.clamp(1, 1024))?;
+            }
             "--database" => database = Some(value()?),
             "--postgres-url" => postgres_url = Some(value()?),
             other => bail!("unknown argument {other:?}\n\n{USAGE}"),
@@ -173,6 +194,9 @@ fn parse_args() -> anyhow::Result<Options> {
         integrations,
         storm,
         provider_latency: StdDuration::from_millis(latency_ms),
+        flows,
+        fleet,
+        refresh_concurrency,
         backends,
     })
 }
@@ -290,9 +314,10 @@ async fn server_version(db: &Database) -> String {
 // ---------------------------------------------------------------------------------------------
 
 struct Service {
-    address: String,
+    api: Api,
     state: AppState,
-    jwt_secret: String,
+    /// The environment the service was configured from (for `serve` child processes).
+    vars: HashMap<String, String>,
     stop: oneshot::Sender<()>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     _providers_dir: tempfile::TempDir,
@@ -343,22 +368,28 @@ async fn start_service(database_url: &str, fake: &FakeProvider) -> anyhow::Resul
         let _ = stopped.await;
     }));
     Ok(Service {
-        address,
+        api: Api {
+            address,
+            jwt_secret,
+        },
         state,
-        jwt_secret,
+        vars,
         stop,
         server,
         _providers_dir: providers_dir,
     })
 }
 
-impl Service {
+/// Where a service listens and how to mint callers' JWTs for it.
+#[derive(Debug, Clone)]
+struct Api {
+    address: String,
+    jwt_secret: String,
+}
+
+impl Api {
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
-    }
-
-    fn db(&self) -> &Database {
-        &self.state.services.db
     }
 
     /// An HS256 bearer token for `user` with `roles`, valid for a day.
@@ -375,6 +406,20 @@ impl Service {
             &claims,
             &EncodingKey::from_secret(self.jwt_secret.as_bytes()),
         )?)
+    }
+}
+
+impl Service {
+    fn url(&self, path: &str) -> String {
+        self.api.url(path)
+    }
+
+    fn db(&self) -> &Database {
+        &self.state.services.db
+    }
+
+    fn jwt(&self, user: &str, roles: &[&str]) -> anyhow::Result<String> {
+        self.api.jwt(user, roles)
     }
 
     async fn stop(self) -> anyhow::Result<()> {
@@ -850,14 +895,16 @@ impl Storm {
 /// Connects one Google account through the service's HTTP API against the fake (authorize,
 /// consent at the fake, callback), so the stored refresh token is one the fake accepts.
 async fn connect_through_the_fake(
-    service: &Service,
+    service: &Api,
     fake: &FakeProvider,
     client: &reqwest::Client,
+    user: &str,
+    subject: &str,
 ) -> anyhow::Result<Uuid> {
-    fake.push_consent(PROVIDER, Consent::user("storm-subject"));
+    fake.push_consent(PROVIDER, Consent::user(subject));
     let response = client
         .post(service.url(&format!("/api/v1/oauth/providers/{PROVIDER}/authorize")))
-        .bearer_auth(service.jwt("storm-user", &["user"])?)
+        .bearer_auth(service.jwt(user, &["user"])?)
         .json(&json!({}))
         .send()
         .await?;
@@ -920,7 +967,8 @@ async fn refresh_storm(
     client: &reqwest::Client,
     options: &Options,
 ) -> anyhow::Result<Storm> {
-    let id = connect_through_the_fake(service, fake, client).await?;
+    let id =
+        connect_through_the_fake(&service.api, fake, client, "storm-user", "storm-subject").await?;
     expire(service, id).await?;
     let callers = options.storm;
     // Open the callers' connections first: the storm measures the service, not TCP set-up.
@@ -1033,6 +1081,8 @@ struct BackendResult {
     healthz: Measured,
     token: Measured,
     storm: Storm,
+    flows: fleet::Flows,
+    fleet: Option<fleet::Fleet>,
 }
 
 async fn run_backend(backend: &Backend, options: &Options) -> anyhow::Result<BackendResult> {
@@ -1050,7 +1100,7 @@ async fn run_on(
     database_url: &str,
     options: &Options,
 ) -> anyhow::Result<BackendResult> {
-    let fake = FakeProvider::start().await;
+    let fake = Arc::new(FakeProvider::start().await);
     let service = start_service(database_url, &fake).await?;
     let version = server_version(service.db()).await;
     let started = Instant::now();
@@ -1088,14 +1138,22 @@ async fn run_on(
     let healthz = measured.next().unwrap_or_default();
     let token = measured.next().unwrap_or_default();
     let storm = refresh_storm(&service, &fake, &client, options).await?;
+    let flows = fleet::connect_flows(&service.api, &fake, &client, options.flows).await?;
     drop(client);
-    service.stop().await?;
+    let fleet = if options.fleet > 0 {
+        Some(fleet::fleet(service, &fake, &ids, options).await?)
+    } else {
+        service.stop().await?;
+        None
+    };
     Ok(BackendResult {
         backend: backend.name(),
         version,
         healthz,
         token,
         storm,
+        flows,
+        fleet,
     })
 }
 
@@ -1155,6 +1213,13 @@ fn cpu_model() -> String {
                 .map(|(_, model)| model.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn fleet_cell(result: &BackendResult, cell: impl Fn(&fleet::Fleet) -> String) -> String {
+    result
+        .fleet
+        .as_ref()
+        .map_or_else(|| "skipped".to_owned(), cell)
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -1281,6 +1346,87 @@ fn report(options: &Options, results: &[BackendResult]) -> String {
     });
     row("target: 1 refresh, all within provider + 50 ms", &|r| {
         verdict(r.storm.met()).to_owned()
+    });
+    row("authorize p50 / p99 / max (ms), one at a time", &|r| {
+        latencies(&r.flows.authorize)
+    });
+    row("target: authorize p99 < 5 ms", &|r| {
+        verdict(r.flows.authorize.percentile(0.99) < 5_000_000).to_owned()
+    });
+    row("callback minus provider time p50 / p99 / max (ms)", &|r| {
+        latencies(&r.flows.callback_overhead)
+    });
+    row("target: callback overhead p99 < 10 ms", &|r| {
+        verdict(r.flows.callback_overhead.percentile(0.99) < 10_000_000).to_owned()
+    });
+    row("connect burst: flows / errors / all done (ms)", &|r| {
+        format!(
+            "{} / {} / {}",
+            r.flows.burst_size,
+            r.flows.burst.errors,
+            ms(nanos(r.flows.burst.elapsed))
+        )
+    });
+    row("target: 1,000 concurrent flows, zero errors", &|r| {
+        verdict(r.flows.burst_size >= 1000 && r.flows.burst.errors == 0).to_owned()
+    });
+    row("fleet: integrations / refresh concurrency", &|r| {
+        fleet_cell(r, |f| format!("{} / {}", f.integrations, f.concurrency))
+    });
+    row("fleet: provider refreshes / refreshed once / twice", &|r| {
+        fleet_cell(r, |f| {
+            format!(
+                "{} / {} / {}",
+                f.refreshes, f.refreshed_once, f.refreshed_twice
+            )
+        })
+    });
+    row("fleet: refreshes/s (wall s)", &|r| {
+        fleet_cell(r, |f| {
+            format!(
+                "{:.0} ({:.1})",
+                f.per_second(),
+                f.refresh_wall.as_secs_f64()
+            )
+        })
+    });
+    row("fleet: last refresh before the first expiry (s)", &|r| {
+        fleet_cell(r, |f| f.margin_before_expiry.num_seconds().to_string())
+    });
+    row("target: all before expiry, ≥ 1,000/s, none twice", &|r| {
+        fleet_cell(r, |f| verdict(f.met_refresh()).to_owned())
+    });
+    row("fleet: hand-outs meanwhile req/s, p99 (ms), errors", &|r| {
+        fleet_cell(r, |f| {
+            format!(
+                "{:.0}, {}, {}",
+                f.hand_outs.per_second(),
+                ms(f.hand_outs.percentile(0.99)),
+                f.hand_outs.errors
+            )
+        })
+    });
+    row("fleet: connect flows meanwhile / errors", &|r| {
+        fleet_cell(r, |f| {
+            format!("{} / {}", f.flows.requests(), f.flows.errors)
+        })
+    });
+    row(
+        "fleet: `serve` peak RSS (VmHWM) / max sampled RSS (MiB)",
+        &|r| {
+            fleet_cell(r, |f| {
+                format!(
+                    "{:.1} / {:.1}",
+                    f.peak_rss_kib as f64 / 1024.0,
+                    f.max_sampled_rss_kib as f64 / 1024.0
+                )
+            })
+        },
+    );
+    row("target: RSS < 64 MB with the fleet stored", &|r| {
+        fleet_cell(r, |f| {
+            verdict(f.peak_rss_kib * 1024 < 64_000_000).to_owned()
+        })
     });
     let errors: Vec<String> = results
         .iter()
