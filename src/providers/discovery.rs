@@ -51,7 +51,7 @@ async fn fetch(http: &reqwest::Client, issuer: &str) -> Result<Metadata, String>
         "{}/.well-known/openid-configuration",
         issuer.trim_end_matches('/')
     );
-    let response = http
+    let mut response = http
         .get(&url)
         .header(reqwest::header::ACCEPT, "application/json")
         .send()
@@ -60,12 +60,24 @@ async fn fetch(http: &reqwest::Client, issuer: &str) -> Result<Metadata, String>
     if !response.status().is_success() {
         return Err(format!("HTTP {} from {url}", response.status()));
     }
-    let body = response
-        .bytes()
+    // Refused as soon as it grows past the limit, not after buffering whatever was sent.
+    const TOO_LARGE: &str = "metadata document too large";
+    if response
+        .content_length()
+        .is_some_and(|length| length > MAX_METADATA_BYTES as u64)
+    {
+        return Err(TOO_LARGE.to_owned());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
         .await
-        .map_err(|err| err.without_url().to_string())?;
-    if body.len() > MAX_METADATA_BYTES {
-        return Err("metadata document too large".to_owned());
+        .map_err(|err| err.without_url().to_string())?
+    {
+        if body.len() + chunk.len() > MAX_METADATA_BYTES {
+            return Err(TOO_LARGE.to_owned());
+        }
+        body.extend_from_slice(&chunk);
     }
     serde_json::from_slice(&body).map_err(|err| format!("metadata is not valid JSON: {err}"))
 }
@@ -126,6 +138,35 @@ mod tests {
             code_challenge_methods_supported: vec!["S256".into()],
             authorization_response_iss_parameter_supported: true,
         }
+    }
+
+    /// An issuer whose metadata never ends (chunked, no length): the read stops at the limit
+    /// instead of buffering until the client's timeout.
+    #[tokio::test]
+    async fn an_endless_metadata_document_is_refused_at_the_size_limit() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                        transfer-encoding: chunked\r\n\r\n";
+            socket.write_all(head.as_bytes()).await.unwrap();
+            let chunk = format!("4000\r\n{}\r\n", " ".repeat(0x4000));
+            while socket.write_all(chunk.as_bytes()).await.is_ok() {}
+        });
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let err = fetch(&http, &format!("http://{address}"))
+            .await
+            .unwrap_err();
+        assert_eq!(err, "metadata document too large");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! checks; the code only ever sent to the token endpoint of the provider the state names.
 //!
 //! [`start`] records a pending authorization and returns the provider's URL; [`complete`]
-//! handles the browser's return and saves the integration, its tokens, the consent and the
-//! audit event in one transaction. Nothing is stored when anything fails.
+//! handles the browser's return and saves the integration, its tokens and the consent in one
+//! transaction, then appends the audit event. Nothing is stored when anything fails.
 
 use chrono::{DateTime, Duration, Utc};
 use secrecy::SecretString;

@@ -252,8 +252,15 @@ impl Database {
             crate::storage::tokens::COLUMNS
         );
         let get_sql = format!("SELECT {COLUMNS} FROM oauth_integrations WHERE id = $1");
+        // SQLite: take the write lock up front. A deferred transaction that reads first cannot
+        // upgrade to a write once another connection has committed (SQLITE_BUSY_SNAPSHOT,
+        // returned at once, no busy wait): concurrent callbacks failed with "database is locked".
+        let begin = match self {
+            Database::Postgres(_) => "BEGIN",
+            Database::Sqlite(_) => "BEGIN IMMEDIATE",
+        };
         with_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_with(begin).await?;
             let existing: Option<Row> = sqlx::query_as(&find_sql)
                 .bind(connection.user_id)
                 .bind(connection.provider)

@@ -56,6 +56,9 @@ impl StorageError {
                     | sqlx::Error::Io(_)
                     | sqlx::Error::Tls(_)
             )
+        ) || matches!(
+            self,
+            StorageError::Database(sqlx::Error::Database(err)) if cannot_serve_now(err.as_ref())
         )
     }
 
@@ -66,6 +69,21 @@ impl StorageError {
             _ => false,
         }
     }
+}
+
+/// A database error that says "not now" rather than "wrong query": PostgreSQL ended the
+/// session or cannot take it (connection exceptions, class 08; shutdown, crash or start-up,
+/// 57P01–57P03, as in a fast shutdown or a failover; too many connections, 53300); SQLite's
+/// lock was held by someone else past the busy timeout (SQLITE_BUSY, SQLITE_LOCKED).
+fn cannot_serve_now(err: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(err) = err.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        let code = err.code();
+        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300");
+    }
+    // SQLite reports extended result codes; the primary code is the low byte.
+    err.code()
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
 }
 
 pub type StorageResult<T> = Result<T, StorageError>;

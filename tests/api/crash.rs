@@ -1,74 +1,14 @@
 //! Crash safety: a real `oauth-manager serve` process killed with SIGKILL in the middle of a
 //! refresh leaves a connection that a restarted process refreshes.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::connect::connect;
 use crate::support::fake_provider::{Consent, Endpoint, Fault};
-use crate::support::{spawn_with_fake, TestApp, JWT_SECRET};
-
-const BIN: &str = env!("CARGO_BIN_EXE_oauth-manager");
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `serve` on the test app's database, key and providers, and waits for its address.
-fn start_server(app: &TestApp) -> Server {
-    let mut command = Command::new(BIN);
-    command
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    for (name, value) in &app.vars {
-        command.env(name, value);
-    }
-    command
-        .env("DATABASE_URL", &app.database.url)
-        .env("OAUTH_ENCRYPTION_KEY", app.key.to_base64().as_str())
-        .env("OAUTH_JWT_SECRET", JWT_SECRET)
-        .env("OAUTH_PUBLIC_URL", "https://oauth.example.test")
-        .env("OAUTH_LISTEN_ADDR", "127.0.0.1:0")
-        .env("OAUTH_BACKGROUND_REFRESH", "false")
-        .env("OAUTH_REFRESH_LEASE_SECONDS", "9")
-        .env("OAUTH_PROVIDER_TIMEOUT_SECONDS", "2")
-        .env("OAUTH_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().expect("spawn serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let (sender, receiver) = std::sync::mpsc::channel();
-    // Keep draining the log for the child's whole life.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let address = serde_json::from_str::<Value>(&line)
-                .ok()
-                .and_then(|event| event["address"].as_str().map(str::to_owned));
-            if let Some(address) = address {
-                let _ = sender.send(address);
-            }
-        }
-    });
-    let address = receiver
-        .recv_timeout(Duration::from_secs(30))
-        .expect("serve logs its address");
-    Server {
-        child,
-        base: format!("http://{address}"),
-    }
-}
+use crate::support::process::{start_server, Server};
+use crate::support::{spawn_with_fake, TestApp};
 
 async fn get_token(app: &TestApp, server: &Server, id: &str) -> reqwest::Response {
     reqwest::Client::new()

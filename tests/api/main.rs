@@ -7,12 +7,14 @@
 mod audit_chain;
 mod auth;
 mod catalog;
+mod chaos;
 mod cli;
 mod connect;
 mod consents;
 mod crash;
 mod encryption;
 mod fake_provider_selftest;
+mod faults;
 mod health;
 mod hot_path;
 mod integrations;

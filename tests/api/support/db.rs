@@ -62,6 +62,20 @@ impl TestDatabase {
         }
     }
 
+    /// A database the test manages itself (e.g. a [`super::pg_cluster::PgCluster`]'s), used
+    /// as it is: no schema of its own.
+    pub fn at(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            backend: if url.starts_with("sqlite:") {
+                "sqlite"
+            } else {
+                "postgres"
+            },
+            _dir: None,
+        }
+    }
+
     /// The same database, for a second app (the first owns any temporary files).
     pub fn alias(&self) -> TestDatabase {
         TestDatabase {

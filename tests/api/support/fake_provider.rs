@@ -13,9 +13,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -151,6 +151,16 @@ pub enum Fault {
     ErrorIn200,
     /// 503 with `Retry-After: <seconds>` (RFC 7009 §2.2.1 asks revocation clients to retry).
     RetryAfter503(u64),
+    /// Handle the request normally (a token request is answered, rotating refresh tokens),
+    /// then wait before sending the answer: the provider's state changed, the client does not
+    /// know yet.
+    LatencyAfter(Duration),
+    /// 200 JSON whose `Content-Length` promises more than this text; the connection closes
+    /// after it (a proxy or provider dying mid-response).
+    Truncated(String),
+    /// 200 with a JSON-looking body of this many bytes: with `Content-Length` when
+    /// `declared_length`, else chunked (the client only finds out by reading).
+    Huge { bytes: usize, declared_length: bool },
 }
 
 /// One request the fake received.
@@ -165,6 +175,8 @@ pub struct RecordedRequest {
     /// The form body, or the JSON body's top-level members flattened to strings.
     pub form: BTreeMap<String, String>,
     pub body_was_json: bool,
+    /// When the request arrived (before any fault ran).
+    pub at: Instant,
 }
 
 impl RecordedRequest {
@@ -197,6 +209,9 @@ pub struct IssuedToken {
     pub kind: TokenKind,
     pub token: String,
     pub active: bool,
+    /// Spent by strict rotation (Notion, acme): replaying it revokes the grant.
+    pub rotated: bool,
+    pub issued_at: Instant,
 }
 
 /// The fake authorization server. Dropping it stops the server.
@@ -533,9 +548,16 @@ impl FakeProvider {
                     kind: token.kind,
                     token: value.clone(),
                     active: inner.active(value, None).is_some(),
+                    rotated: token.rotated,
+                    issued_at: token.issued_at,
                 })
             })
             .collect()
+    }
+
+    /// Drops every queued fault (of every provider and endpoint).
+    pub fn clear_faults(&self) {
+        self.shared.lock().faults.clear();
     }
 
     /// The JWKS the fake publishes (same key for every provider).
@@ -645,6 +667,7 @@ struct Token {
     /// A refresh token already exchanged under strict rotation (Notion, acme): using it again
     /// is reuse and kills the grant.
     rotated: bool,
+    issued_at: Instant,
 }
 
 impl Shared {
@@ -694,6 +717,7 @@ impl Inner {
                 expires_at,
                 revoked: false,
                 rotated: false,
+                issued_at: Instant::now(),
             },
         );
         self.issued.push(value);
@@ -770,6 +794,7 @@ async fn handle(
         parse_pairs(&body)
     };
     let request = RecordedRequest {
+        at: Instant::now(),
         provider: route.provider.clone(),
         endpoint: route.endpoint,
         method: method.as_str().to_owned(),
@@ -784,7 +809,7 @@ async fn handle(
         form,
         body_was_json,
     };
-    let began = std::time::Instant::now();
+    let began = Instant::now();
     let key = (route.provider.clone(), route.endpoint);
     let (fault, latency) = {
         let mut inner = shared.lock();
@@ -795,6 +820,12 @@ async fn handle(
     if let Some(latency) = latency {
         tokio::time::sleep(latency).await;
     }
+    if let Some(Fault::LatencyAfter(delay)) = fault {
+        let response = shared.dispatch(&route, &request);
+        tokio::time::sleep(delay).await;
+        shared.lock().handling_time += began.elapsed();
+        return response;
+    }
     let response = match fault {
         Some(fault) => apply_fault(Kind::of(&route.provider), fault).await,
         None => None,
@@ -804,6 +835,11 @@ async fn handle(
     response
 }
 
+/// A body of unknown length (chunked): hyper learns its end only by polling it.
+fn unsized_body(bytes: impl Into<Bytes>) -> Body {
+    Body::from_stream(Body::from(bytes.into()).into_data_stream())
+}
+
 /// The fault's response, or `None` to carry on with normal handling.
 async fn apply_fault(kind: Kind, fault: Fault) -> Option<Response> {
     Some(match fault {
@@ -811,6 +847,8 @@ async fn apply_fault(kind: Kind, fault: Fault) -> Option<Response> {
             let status = StatusCode::from_u16(status).expect("a valid HTTP status");
             let content_type = if serde_json::from_str::<Value>(&body).is_ok() {
                 "application/json"
+            } else if body.trim_start().starts_with('<') {
+                "text/html"
             } else {
                 "text/plain"
             };
@@ -845,6 +883,44 @@ async fn apply_fault(kind: Kind, fault: Fault) -> Option<Response> {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_str(&seconds.to_string()).expect("digits"),
+            );
+            response
+        }
+        Fault::LatencyAfter(_) => return None,
+        Fault::Truncated(partial) => {
+            // A body of unknown length with a larger declared length: hyper sends the
+            // header, runs out of body, and aborts the connection.
+            let declared = partial.len() + 4096;
+            let mut response = Response::new(unsized_body(partial));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(declared));
+            response
+        }
+        Fault::Huge {
+            bytes,
+            declared_length,
+        } => {
+            let prefix = "{\"access_token\":\"";
+            let mut text = String::with_capacity(bytes);
+            text.push_str(prefix);
+            text.extend(std::iter::repeat_n(
+                'a',
+                bytes.saturating_sub(prefix.len() + 2),
+            ));
+            text.push_str("\"}");
+            let body = if declared_length {
+                Body::from(text)
+            } else {
+                unsized_body(text)
+            };
+            let mut response = Response::new(body);
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
             );
             response
         }

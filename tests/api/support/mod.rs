@@ -2,6 +2,8 @@
 
 pub mod db;
 pub mod fake_provider;
+pub mod pg_cluster;
+pub mod process;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -262,19 +264,32 @@ pub async fn spawn_with_fake() -> (TestApp, fake_provider::FakeProvider) {
 }
 
 pub async fn spawn_with_fake_and(extra: &[(&str, &str)]) -> (TestApp, fake_provider::FakeProvider) {
+    spawn_with_fake_on(TestDatabase::create().await, extra).await
+}
+
+/// [`spawn_with_fake_and`] on a given database.
+pub async fn spawn_with_fake_on(
+    database: TestDatabase,
+    extra: &[(&str, &str)],
+) -> (TestApp, fake_provider::FakeProvider) {
     let fake = fake_provider::FakeProvider::start().await;
-    // Kept for the whole test run: sibling replicas read the same file.
-    let dir = tempfile::tempdir().expect("tempdir").keep();
-    let path = dir.join("providers.toml");
-    std::fs::write(&path, fake.providers_toml()).expect("write providers file");
-    let path = path.to_string_lossy().into_owned();
+    let path = providers_file(&fake.providers_toml());
     let mut vars = vec![
         ("OAUTH_PROVIDERS_FILE", path.as_str()),
         ("OAUTH_ALLOWED_RETURN_URLS", RETURN_BASE),
     ];
     vars.extend_from_slice(extra);
-    let app = spawn_app_with(&vars).await;
+    let app = spawn_app_on(database, &KeyMaterial::generate(), &vars).await;
     (app, fake)
+}
+
+/// Writes an OAUTH_PROVIDERS_FILE and returns its path. Kept for the whole test run: sibling
+/// replicas and `serve` processes read the same file.
+pub fn providers_file(toml: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir").keep();
+    let path = dir.join("providers.toml");
+    std::fs::write(&path, toml).expect("write providers file");
+    path.to_string_lossy().into_owned()
 }
 
 /// Counts rows of a table (tests only; the name is a constant of the test).
