@@ -161,13 +161,13 @@ async fn replicas_share_their_limits_through_redis() {
 #[tokio::test]
 async fn with_redis_down_the_service_answers_and_limits_in_process_warning_once() {
     let logs = CapturedLogs::start();
-    let started = Instant::now();
     let app = spawn_app_with(&[
         // Nothing listens on port 1: connection refused.
         ("REDIS_URL", "redis://127.0.0.1:1"),
         ("OAUTH_RATE_LIMIT_PER_MINUTE", "3"),
     ])
     .await;
+    let started = Instant::now();
     let alice = app.token("alice", &["user"]);
     for _ in 0..3 {
         assert_eq!(providers(&app, Some(&alice)).await.status(), 200);
@@ -232,6 +232,36 @@ async fn after_a_redis_outage_limits_are_shared_again() {
     assert_eq!(logs.count("Redis answers again"), 1, "{}", logs.text());
 }
 
+#[tokio::test]
+async fn a_redis_that_never_answers_costs_each_request_at_most_its_deadline() {
+    let proxy = Proxy::start("127.0.0.1:9").await;
+    proxy.silent.store(true, Ordering::SeqCst);
+    let redis = format!("redis://{}", proxy.address);
+    let app = spawn_app_with(&[
+        ("REDIS_URL", redis.as_str()),
+        ("OAUTH_RATE_LIMIT_PER_MINUTE", "3"),
+    ])
+    .await;
+    let alice = app.token("alice", &["user"]);
+    let timed = || async {
+        let started = Instant::now();
+        let response = providers(&app, Some(&alice)).await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        response
+    };
+    for _ in 0..3 {
+        assert_eq!(timed().await.status(), 200);
+    }
+    assert_limited(timed().await, 20).await;
+    // Another attempt after the retry interval: it too gives up within its deadline.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_limited(timed().await, 20).await;
+    let limiter = app.state.limiter.as_ref().expect("limiter");
+    assert!(!limiter.is_shared());
+    assert_eq!(limiter.redis_outages(), 1);
+}
+
 async fn redis_keys(url: &str, prefix: &str) -> Vec<String> {
     let client = redis::Client::open(url).expect("redis url");
     let mut connection = client
@@ -246,10 +276,11 @@ async fn redis_keys(url: &str, prefix: &str) -> Vec<String> {
 }
 
 /// A TCP proxy in front of Redis that can be switched off (dropping every connection, and each
-/// new one at once) and on again.
+/// new one at once) and on again, or made to swallow connections without ever answering.
 struct Proxy {
     address: SocketAddr,
     up: Arc<AtomicBool>,
+    silent: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -259,10 +290,12 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let up = Arc::new(AtomicBool::new(true));
+        let silent = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Mutex::new(Vec::<AbortHandle>::new()));
         let target = target.to_owned();
         let accept = tokio::spawn({
             let up = up.clone();
+            let silent = silent.clone();
             let connections = connections.clone();
             async move {
                 while let Ok((mut inbound, _)) = listener.accept().await {
@@ -270,7 +303,13 @@ impl Proxy {
                         continue;
                     }
                     let target = target.clone();
+                    let silent = silent.load(Ordering::SeqCst);
                     let task = tokio::spawn(async move {
+                        if silent {
+                            // Read everything, answer nothing, never close.
+                            let _ = tokio::io::copy(&mut inbound, &mut tokio::io::sink()).await;
+                            std::future::pending::<()>().await;
+                        }
                         if let Ok(mut outbound) = TcpStream::connect(&target).await {
                             let _ =
                                 tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
@@ -283,6 +322,7 @@ impl Proxy {
         Self {
             address,
             up,
+            silent,
             connections,
             accept,
         }
