@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 
@@ -11,6 +12,7 @@ use crate::auth::jwt::JwtVerifier;
 use crate::clock::SharedClock;
 use crate::config::{Config, ConfigError};
 use crate::crypto::{CryptoError, Keyring};
+use crate::http::limits::RateLimiter;
 use crate::http::{self, AppState};
 use crate::providers::{discovery, ProviderRegistry};
 use crate::services::vault::TokenVault;
@@ -31,6 +33,13 @@ pub enum StartupError {
     Http(String),
     #[error("audit log: {0}")]
     Audit(String),
+    #[error("metrics: {0}")]
+    Metrics(String),
+    #[error("cannot listen on {addr} (OAUTH_METRICS_ADDR): {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Builds the keyring from the configured keys.
@@ -64,6 +73,38 @@ pub async fn open_database(config: &Config) -> Result<Database, StartupError> {
 /// A ready-to-serve application.
 pub struct Application {
     pub state: AppState,
+    metrics: Option<MetricsEndpoint>,
+}
+
+/// `GET /metrics` on `OAUTH_METRICS_ADDR`, bound at start-up so that a taken port stops the
+/// process instead of silently serving no metrics.
+pub struct MetricsEndpoint {
+    listener: TcpListener,
+    handle: PrometheusHandle,
+}
+
+impl MetricsEndpoint {
+    /// Installs the recorder and binds the listener; `None` when metrics are not configured.
+    pub async fn bind(config: &Config) -> Result<Option<Self>, StartupError> {
+        let Some(addr) = config.metrics_addr else {
+            return Ok(None);
+        };
+        let handle = crate::metrics::install().map_err(StartupError::Metrics)?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::MetricsListen { addr, source })?;
+        Ok(Some(Self { listener, handle }))
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until the returned task is aborted.
+    pub fn spawn(self) -> tokio::task::JoinHandle<()> {
+        tracing::info!(address = ?self.listener.local_addr().ok(), "metrics listening");
+        tokio::spawn(http::metrics::serve(self.listener, self.handle))
+    }
 }
 
 /// Everything the services need, from the configuration: keyring, providers (after OIDC
@@ -119,13 +160,30 @@ impl Application {
             clock.clone(),
         )?);
         let services = build_services(&mut config, clock).await?;
+        let limiter = if config.rate_limits.enabled {
+            let limiter = RateLimiter::new(&config.rate_limits, config.redis_url.as_ref())?;
+            limiter.connect().await;
+            Some(Arc::new(limiter))
+        } else {
+            None
+        };
+        let metrics = MetricsEndpoint::bind(&config).await?;
         Ok(Self {
             state: AppState {
                 config: Arc::new(config),
                 verifier,
                 services,
+                limiter,
             },
+            metrics,
         })
+    }
+
+    /// Where `GET /metrics` is served, when `OAUTH_METRICS_ADDR` is set.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics
+            .as_ref()
+            .and_then(|metrics| metrics.local_addr().ok())
     }
 
     pub fn router(&self) -> Router {
@@ -140,6 +198,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let router = self.router();
+        let metrics = self.metrics.map(MetricsEndpoint::spawn);
         let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
         let background = self.state.config.background_refresh.then(|| {
             let services = self.state.services.clone();
@@ -157,6 +216,9 @@ impl Application {
         let _ = stop_worker.send(());
         if let Some(background) = background {
             let _ = background.await;
+        }
+        if let Some(metrics) = metrics {
+            metrics.abort();
         }
         self.state.services.audit.flush().await;
         self.state.services.db.close().await;

@@ -14,6 +14,7 @@ use url::Url;
 
 use crate::auth::rbac::RoleMap;
 use crate::crypto::KeyMaterial;
+use crate::http::limits::RateLimitSettings;
 use crate::providers::declared::{self, DeclaredProvider};
 use crate::services::tokens::LifecycleSettings;
 use crate::services::worker::WorkerSettings;
@@ -180,6 +181,14 @@ pub struct Config {
     /// `OAUTH_AUDIT_RETENTION_DAYS` (1–36500): the worker prunes older audit rows, leaving a
     /// checkpoint in each chain. Unset: audit rows are kept forever.
     pub audit_retention_days: Option<u32>,
+    /// Rate limits (`OAUTH_RATE_LIMIT_*`); shared through Redis when `REDIS_URL` is set.
+    pub rate_limits: RateLimitSettings,
+    /// `OAUTH_CORS_ALLOWED_ORIGINS`: exact origins (`https://app.example.com`, as browsers send
+    /// them in `Origin`) whose pages may call the API. Empty: no CORS headers at all.
+    pub cors_allowed_origins: Vec<String>,
+    /// `OAUTH_METRICS_ADDR`: where `GET /metrics` (Prometheus) is served, on a listener of its
+    /// own so it never reaches the public API. Unset: no metrics are collected.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Environment prefixes whose `_CLIENT_ID` / `_CLIENT_SECRET` are read at start-up.
@@ -215,6 +224,9 @@ impl Config {
                 || parse_bool(env, "OAUTH_BACKGROUND_REFRESH")?,
             worker: parse_worker(env)?,
             audit_retention_days: parse_audit_retention(env)?,
+            rate_limits: parse_rate_limits(env)?,
+            cors_allowed_origins: parse_cors_origins(env)?,
+            metrics_addr: parse_metrics_addr(env)?,
             allowed_return_urls: parse_return_urls(env)?,
             redis_url: parse_redis_url(env)?,
             log_format: parse_log_format(env)?,
@@ -268,6 +280,20 @@ fn parse_listen_addr(env: &Env<'_>) -> Result<SocketAddr, ConfigError> {
             format!("{raw:?} is not an address:port such as 0.0.0.0:8000"),
         )
     })
+}
+
+fn parse_metrics_addr(env: &Env<'_>) -> Result<Option<SocketAddr>, ConfigError> {
+    const VAR: &str = "OAUTH_METRICS_ADDR";
+    env.var(VAR)
+        .map(|raw| {
+            raw.trim().parse().map_err(|_| {
+                ConfigError::invalid(
+                    VAR,
+                    format!("{raw:?} is not an address:port such as 127.0.0.1:9100"),
+                )
+            })
+        })
+        .transpose()
 }
 
 fn parse_public_url(env: &Env<'_>) -> Result<Url, ConfigError> {
@@ -488,6 +514,81 @@ fn parse_return_urls(env: &Env<'_>) -> Result<Vec<Url>, ConfigError> {
         .collect()
 }
 
+/// Exact origins for CORS. `*` is refused: any web page could then script the API with a
+/// token it got hold of (and the allowlist is the only thing CORS adds over no CORS at all).
+/// Each entry is normalised as browsers serialise `Origin` (lower-case host, no default port).
+fn parse_cors_origins(env: &Env<'_>) -> Result<Vec<String>, ConfigError> {
+    const VAR: &str = "OAUTH_CORS_ALLOWED_ORIGINS";
+    let Some(raw) = env.var(VAR) else {
+        return Ok(Vec::new());
+    };
+    let mut origins = Vec::new();
+    for item in raw
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+    {
+        if item == "*" {
+            return Err(ConfigError::invalid(
+                VAR,
+                "\"*\" is not accepted: list the exact origins (scheme://host[:port]) of the \
+                 web applications that call this API",
+            ));
+        }
+        let url = Url::parse(item)
+            .map_err(|err| ConfigError::invalid(VAR, format!("{item:?}: {err}")))?;
+        let origin_only = url.path() == "/"
+            && url.query().is_none()
+            && url.fragment().is_none()
+            && url.username().is_empty()
+            && url.password().is_none();
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || !origin_only {
+            return Err(ConfigError::invalid(
+                VAR,
+                format!("{item:?} must be an origin: http(s)://host[:port], without a path"),
+            ));
+        }
+        let origin = url.origin().ascii_serialization();
+        if !origins.contains(&origin) {
+            origins.push(origin);
+        }
+    }
+    Ok(origins)
+}
+
+fn parse_rate_limits(env: &Env<'_>) -> Result<RateLimitSettings, ConfigError> {
+    const PREFIX: &str = "OAUTH_RATE_LIMIT_REDIS_PREFIX";
+    let defaults = RateLimitSettings::default();
+    let per_minute = |var: &str, default: u32| -> Result<u32, ConfigError> {
+        let value = parse_number(env, var, i64::from(default), 1..=1_000_000)?;
+        Ok(u32::try_from(value).unwrap_or(default))
+    };
+    let redis_prefix = match env.var(PREFIX) {
+        None => defaults.redis_prefix.clone(),
+        Some(prefix)
+            if prefix.len() <= 100 && prefix.bytes().all(|byte| byte.is_ascii_graphic()) =>
+        {
+            prefix
+        }
+        Some(_) => {
+            return Err(ConfigError::invalid(
+                PREFIX,
+                "must be at most 100 printable ASCII characters without spaces",
+            ))
+        }
+    };
+    Ok(RateLimitSettings {
+        enabled: env.var("OAUTH_RATE_LIMIT_ENABLED").is_none()
+            || parse_bool(env, "OAUTH_RATE_LIMIT_ENABLED")?,
+        per_minute: per_minute("OAUTH_RATE_LIMIT_PER_MINUTE", defaults.per_minute)?,
+        connect_per_minute: per_minute(
+            "OAUTH_RATE_LIMIT_CONNECT_PER_MINUTE",
+            defaults.connect_per_minute,
+        )?,
+        redis_prefix,
+    })
+}
+
 /// A whole number within `range`, or `default` when unset.
 fn parse_number(
     env: &Env<'_>,
@@ -659,6 +760,52 @@ mod tests {
         assert_eq!(config.jwt.roles_claim, "roles");
         assert_eq!(config.log_format, LogFormat::Json);
         assert!(!config.is_postgres());
+        let limits = &config.rate_limits;
+        assert!(limits.enabled);
+        assert_eq!((limits.per_minute, limits.connect_per_minute), (600, 30));
+        assert_eq!(limits.redis_prefix, "oauth-manager:ratelimit:");
+        assert!(
+            config.cors_allowed_origins.is_empty(),
+            "CORS is off by default"
+        );
+        assert!(config.metrics_addr.is_none(), "metrics are off by default");
+    }
+
+    #[test]
+    fn rate_limits_can_be_tuned_or_switched_off() {
+        let config = load(&[
+            ("OAUTH_RATE_LIMIT_ENABLED", "false"),
+            ("OAUTH_RATE_LIMIT_PER_MINUTE", "1200"),
+            ("OAUTH_RATE_LIMIT_CONNECT_PER_MINUTE", "10"),
+            ("OAUTH_RATE_LIMIT_REDIS_PREFIX", "staging:rl:"),
+        ])
+        .expect("loads");
+        let limits = &config.rate_limits;
+        assert!(!limits.enabled);
+        assert_eq!((limits.per_minute, limits.connect_per_minute), (1200, 10));
+        assert_eq!(limits.redis_prefix, "staging:rl:");
+    }
+
+    #[test]
+    fn cors_origins_are_normalised_as_browsers_send_them() {
+        let config = load(&[(
+            "OAUTH_CORS_ALLOWED_ORIGINS",
+            "https://App.Example.com/, http://localhost:3000 ,https://app.example.com:443",
+        )])
+        .expect("loads");
+        assert_eq!(
+            config.cors_allowed_origins,
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+    }
+
+    #[test]
+    fn the_metrics_listener_is_opt_in() {
+        let config = load(&[("OAUTH_METRICS_ADDR", "127.0.0.1:9100")]).expect("loads");
+        assert_eq!(
+            config.metrics_addr.map(|addr| addr.to_string()).as_deref(),
+            Some("127.0.0.1:9100")
+        );
     }
 
     #[test]
@@ -691,6 +838,22 @@ mod tests {
             ("DATABASE_URL", "sqlite::memory:"),
             ("DATABASE_URL", "sqlite://:memory:"),
             ("DATABASE_URL", "sqlite://oauth.db?mode=memory&cache=shared"),
+            ("OAUTH_RATE_LIMIT_ENABLED", "perhaps"),
+            ("OAUTH_RATE_LIMIT_PER_MINUTE", "0"),
+            ("OAUTH_RATE_LIMIT_PER_MINUTE", "lots"),
+            ("OAUTH_RATE_LIMIT_CONNECT_PER_MINUTE", "-1"),
+            ("OAUTH_RATE_LIMIT_CONNECT_PER_MINUTE", "1000001"),
+            ("OAUTH_RATE_LIMIT_REDIS_PREFIX", "has space"),
+            ("OAUTH_CORS_ALLOWED_ORIGINS", "*"),
+            (
+                "OAUTH_CORS_ALLOWED_ORIGINS",
+                "https://app.example.com/settings",
+            ),
+            ("OAUTH_CORS_ALLOWED_ORIGINS", "https://app.example.com?x=1"),
+            ("OAUTH_CORS_ALLOWED_ORIGINS", "https://user@app.example.com"),
+            ("OAUTH_CORS_ALLOWED_ORIGINS", "app.example.com"),
+            ("OAUTH_CORS_ALLOWED_ORIGINS", "ftp://app.example.com"),
+            ("OAUTH_METRICS_ADDR", "9100"),
         ];
         for (var, value) in cases {
             assert_eq!(&invalid_var(load(&[(var, value)])), var, "value {value:?}");

@@ -14,6 +14,7 @@ pub mod crypto;
 pub mod dev;
 pub mod http;
 pub mod jwks;
+pub mod metrics;
 pub mod oauth;
 pub mod providers;
 pub mod services;

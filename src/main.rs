@@ -98,8 +98,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Worker => {
             let mut config = load_config()?;
             let services = app::build_services(&mut config, clock).await?;
+            let metrics = app::MetricsEndpoint::bind(&config)
+                .await?
+                .map(app::MetricsEndpoint::spawn);
             tracing::info!("background worker running");
             worker::run(services, config.worker, app::shutdown_signal()).await;
+            if let Some(metrics) = metrics {
+                metrics.abort();
+            }
             Ok(())
         }
         Command::Keys {

@@ -352,6 +352,8 @@ async fn start_service(database_url: &str, fake: &FakeProvider) -> anyhow::Resul
         ("OAUTH_JWT_SECRET".to_owned(), jwt_secret.clone()),
         ("OAUTH_PUBLIC_URL".to_owned(), PUBLIC_URL.to_owned()),
         ("OAUTH_BACKGROUND_REFRESH".to_owned(), "false".to_owned()),
+        // Throughput is the point here: one benchmark user would hit the per-user limit.
+        ("OAUTH_RATE_LIMIT_ENABLED".to_owned(), "false".to_owned()),
         (
             "OAUTH_PROVIDERS_FILE".to_owned(),
             providers_file.to_string_lossy().into_owned(),

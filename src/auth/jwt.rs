@@ -19,7 +19,7 @@ use crate::jwks::{JwksCache, JwksError};
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
 const MAX_SUBJECT_CHARS: usize = 255;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error("no bearer token was sent")]
     Missing,

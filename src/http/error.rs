@@ -76,6 +76,18 @@ impl ApiError {
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, detail)
         }
     }
+
+    /// 429 `rate_limited`: the caller may try again after `retry_after_seconds`.
+    pub fn rate_limited(retry_after_seconds: u64) -> Self {
+        Self {
+            retry_after_seconds: Some(retry_after_seconds),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests; retry after the number of seconds in Retry-After",
+            )
+        }
+    }
 }
 
 impl IntoResponse for ApiError {

@@ -1,14 +1,14 @@
 //! Extractors: authentication, permission by type, and input extractors whose rejections are
 //! problem+json like every other error.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts};
-use axum::http::{header, request::Parts};
+use axum::http::{header, request::Parts, Extensions, HeaderMap};
 
 use super::error::ApiError;
 use super::AppState;
-use crate::auth::jwt::AuthError;
+use crate::auth::jwt::{AuthError, JwtVerifier};
 use crate::auth::rbac::{Actor, Principal, RequiredPermission};
 use crate::services::audit::{self, RequestContext};
 use crate::storage::audit::Outcome;
@@ -25,19 +25,37 @@ impl FromRequestParts<AppState> for Authenticated {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        if let Some(principal) = parts.extensions.get::<Principal>() {
-            return Ok(Self(principal.clone()));
-        }
-        let token = bearer_token(parts)?;
-        let principal = state.verifier.verify(token).await?;
-        parts.extensions.insert(principal.clone());
-        Ok(Self(principal))
+        verify_once(&parts.headers, &mut parts.extensions, &state.verifier)
+            .await
+            .map(Self)
+            .map_err(ApiError::from)
     }
 }
 
-fn bearer_token(parts: &Parts) -> Result<&str, AuthError> {
-    let value = parts
-        .headers
+/// The outcome of verifying a request's bearer token, kept in its extensions.
+#[derive(Debug, Clone)]
+struct Verified(Result<Principal, AuthError>);
+
+/// Verifies the request's bearer token, at most once per request: the rate limiter (which
+/// runs first and needs the user) and the extractors share the outcome, failures included.
+pub(crate) async fn verify_once(
+    headers: &HeaderMap,
+    extensions: &mut Extensions,
+    verifier: &JwtVerifier,
+) -> Result<Principal, AuthError> {
+    if let Some(Verified(outcome)) = extensions.get::<Verified>() {
+        return outcome.clone();
+    }
+    let outcome = match bearer_token(headers) {
+        Ok(token) => verifier.verify(token).await,
+        Err(err) => Err(err),
+    };
+    extensions.insert(Verified(outcome.clone()));
+    outcome
+}
+
+fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
+    let value = headers
         .get(header::AUTHORIZATION)
         .ok_or(AuthError::Missing)?
         .to_str()
@@ -124,20 +142,34 @@ fn request_context(parts: &Parts, state: &AppState) -> RequestContext {
             .and_then(|value| value.to_str().ok())
             .map(|value| value.chars().take(512).collect::<String>())
     };
-    let forwarded = state
-        .config
-        .trust_proxy_headers
-        .then(|| header("x-forwarded-for"))
-        .flatten()
-        .and_then(|list| list.rsplit(',').next().map(|hop| hop.trim().to_owned()))
-        .filter(|hop| hop.parse::<std::net::IpAddr>().is_ok());
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(address)| address.ip().to_string());
     RequestContext {
         request_id: header("x-request-id"),
-        client_ip: forwarded.or(peer),
+        client_ip: client_ip(
+            &parts.headers,
+            &parts.extensions,
+            state.config.trust_proxy_headers,
+        )
+        .map(|ip| ip.to_string()),
         user_agent: header("user-agent"),
     }
+}
+
+/// The client's IP: the last `X-Forwarded-For` hop when `trust_proxy_headers` (the address the
+/// trusted proxy saw; earlier hops are whatever the client claimed), else the peer address.
+/// One definition for the audit log, consent records and rate limits.
+pub(crate) fn client_ip(
+    headers: &HeaderMap,
+    extensions: &Extensions,
+    trust_proxy_headers: bool,
+) -> Option<IpAddr> {
+    let forwarded = trust_proxy_headers
+        .then(|| headers.get("x-forwarded-for"))
+        .flatten()
+        .and_then(|value| value.to_str().ok())
+        .and_then(|list| list.rsplit(',').next())
+        .and_then(|hop| hop.trim().parse::<IpAddr>().ok());
+    let peer = extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(address)| address.ip());
+    forwarded.or(peer)
 }

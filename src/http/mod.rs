@@ -3,6 +3,8 @@
 
 pub mod error;
 pub mod extract;
+pub mod limits;
+pub mod metrics;
 pub mod routes;
 
 use std::any::Any;
@@ -10,13 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -25,6 +28,7 @@ use crate::auth::jwt::JwtVerifier;
 use crate::config::Config;
 use crate::services::Context;
 use error::ApiError;
+use limits::RateLimiter;
 
 pub const API_PREFIX: &str = "/api/v1/oauth";
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -34,6 +38,15 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 const MAX_BODY_BYTES: usize = 64 * 1024;
 /// No request may hang longer than this, whatever a dependency does.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Request headers may total this much; more is a 431. Nothing this API reads comes near it (a
+/// JWT is at most 8 KiB). hyper, under `axum::serve`, buffers up to ~400 KiB of headers and
+/// 100 fields and answers 431 itself beyond that; this is the tighter limit.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Sent on every response that does not set its own: JSON needs no sources, and no response of
+/// this service is meant to be framed.
+const DEFAULT_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
+/// How long browsers may cache a CORS preflight answer.
+const CORS_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// Everything a handler can reach.
 #[derive(Clone)]
@@ -41,6 +54,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub verifier: Arc<JwtVerifier>,
     pub services: Context,
+    /// `None` when `OAUTH_RATE_LIMIT_ENABLED=false`.
+    pub limiter: Option<Arc<RateLimiter>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -78,6 +93,12 @@ pub fn router(state: AppState) -> Router {
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         ));
+    let limiter = middleware::from_fn_with_state(state.clone(), limits::limit_requests);
+    let track_requests = middleware::from_fn_with_state(
+        state.config.metrics_addr.is_some(),
+        metrics::track_requests,
+    );
+    let cors = cors_layer(&state.config.cors_allowed_origins);
     Router::new()
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
@@ -107,16 +128,81 @@ pub fn router(state: AppState) -> Router {
                         .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                // Outside everything that answers early (429, 431, timeouts, panics), so
+                // every status is counted.
+                .layer(track_requests)
                 .layer(SetResponseHeaderLayer::if_not_present(
                     header::X_CONTENT_TYPE_OPTIONS,
                     HeaderValue::from_static("nosniff"),
                 ))
+                // Callback URLs carry authorization codes and API URLs ids: never send them
+                // onward in a Referer.
+                .layer(SetResponseHeaderLayer::if_not_present(
+                    header::REFERRER_POLICY,
+                    HeaderValue::from_static("no-referrer"),
+                ))
+                .layer(SetResponseHeaderLayer::if_not_present(
+                    header::X_FRAME_OPTIONS,
+                    HeaderValue::from_static("DENY"),
+                ))
+                .layer(SetResponseHeaderLayer::if_not_present(
+                    header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static(DEFAULT_CSP),
+                ))
+                // Outside the limiter, so that a browser can read a 429 too.
+                .option_layer(cors)
                 // A panicking handler answers a problem+json 500 (with its request id) instead
                 // of dropping the connection.
                 .layer(CatchPanicLayer::custom(panic_response))
+                .layer(middleware::from_fn(limit_header_size))
                 .layer(middleware::from_fn(request_timeout))
+                // Inside the timeout: nothing the limiter waits on (Redis, JWKS) can hang a
+                // request.
+                .layer(limiter)
                 .layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
         )
+}
+
+/// CORS for the configured origins only (`OAUTH_CORS_ALLOWED_ORIGINS`); none configured, no
+/// CORS headers at all. Callers authenticate with a bearer token in `Authorization`, not with
+/// cookies, so credentials mode is not enabled.
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, REQUEST_ID])
+            .expose_headers([REQUEST_ID, header::RETRY_AFTER, header::WWW_AUTHENTICATE])
+            .max_age(CORS_MAX_AGE),
+    )
+}
+
+/// 431 for oversized request headers, before anything (JWT verification included) reads them.
+async fn limit_header_size(request: Request, next: Next) -> Response {
+    let size: usize = request
+        .headers()
+        .iter()
+        // As on the wire: "name: value\r\n".
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if size > MAX_HEADER_BYTES {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request_header_fields_too_large",
+            format!(
+                "the request headers total {size} bytes; at most {MAX_HEADER_BYTES} are accepted"
+            ),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 async fn request_timeout(request: Request, next: Next) -> Response {

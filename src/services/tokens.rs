@@ -93,6 +93,7 @@ impl Flights {
                 }
             }
         };
+        crate::metrics::single_flight_lock(&lock);
         lock.lock_owned().await
     }
 }
@@ -429,6 +430,7 @@ async fn single_flight(
                 retry_after_seconds: 1,
             });
         }
+        crate::metrics::single_flight_wait("replica");
         let pause = rand::thread_rng().gen_range(20..60);
         tokio::time::sleep(StdDuration::from_millis(pause)).await;
     }
@@ -660,6 +662,7 @@ async fn store_refreshed(
         .integration(Some(integration.id))
         .details(json!({"refresh_token_rotated": rotated, "expires_at": fresh.expires_at, "previous_generation": leased.sealed.generation}));
     audit::record(ctx, &event).await;
+    crate::metrics::refresh(&integration.provider, "success");
     Ok(fresh)
 }
 
@@ -691,6 +694,7 @@ async fn refresh_failed(
 ) -> ServiceResult<TokenSet> {
     let now = ctx.clock.now();
     let class = err.class();
+    crate::metrics::refresh(&integration.provider, failure_reason(class));
     let event = audit::event(
         "token_refresh_failed",
         Outcome::Failure,

@@ -80,6 +80,7 @@ pub async fn run(ctx: Context, settings: WorkerSettings, shutdown: impl Future<O
 pub async fn tick(ctx: &Context, settings: &WorkerSettings) -> TickReport {
     let mut report = TickReport::default();
     refresh_due(ctx, settings, &mut report).await;
+    crate::metrics::worker_due_refreshes(report.refreshed + report.not_due + report.refresh_failed);
     retry_revocations(ctx, settings, &mut report).await;
     match ctx
         .db
@@ -248,6 +249,7 @@ async fn retry_revocations(ctx: &Context, settings: &WorkerSettings, report: &mu
             return;
         }
     };
+    crate::metrics::worker_due_revocations(due.len());
     for queued in due {
         let outcome = disconnect::attempt(
             ctx,

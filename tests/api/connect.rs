@@ -24,7 +24,7 @@ async fn authorize(app: &TestApp, user: &str, provider: &str, body: Value) -> re
         .expect("authorize request")
 }
 
-async fn authorization_url(app: &TestApp, user: &str, provider: &str, body: Value) -> String {
+pub async fn authorization_url(app: &TestApp, user: &str, provider: &str, body: Value) -> String {
     let response = authorize(app, user, provider, body).await;
     assert_eq!(response.status(), 200, "{:?}", response.text().await);
     let body: Value = response.json().await.expect("json");
@@ -40,7 +40,7 @@ fn query(url: &str) -> std::collections::HashMap<String, String> {
 }
 
 /// The fake redirects the browser to the public callback URL; send it to the test server.
-fn to_service(app: &TestApp, location: &str) -> String {
+pub fn to_service(app: &TestApp, location: &str) -> String {
     assert!(
         location.starts_with(PUBLIC),
         "callback goes to the public URL: {location}"

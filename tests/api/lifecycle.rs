@@ -132,7 +132,7 @@ async fn a_hundred_concurrent_callers_cause_exactly_one_refresh() {
 }
 
 /// A concurrent `GET …/token` as the backend; resolves to the access token (asserting 200).
-fn spawn_token_call(app: &TestApp, id: &str) -> tokio::task::JoinHandle<String> {
+pub fn spawn_token_call(app: &TestApp, id: &str) -> tokio::task::JoinHandle<String> {
     let url = app.url(&format!("/api/v1/oauth/integrations/{id}/token"));
     let token = app.token("backend", &["service"]);
     let http = app.http.clone();

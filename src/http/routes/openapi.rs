@@ -13,7 +13,9 @@ use crate::http::extract::Authenticated;
         description = "Connect users' OAuth 2.0 / OpenID Connect accounts, keep their tokens \
                        encrypted and fresh. Every /api/v1/oauth route except the provider \
                        callback needs `Authorization: Bearer <JWT>`; errors are \
-                       application/problem+json with a stable `code`."
+                       application/problem+json with a stable `code`. Every route but \
+                       /healthz and /readyz may answer 429 `rate_limited` with `Retry-After` \
+                       (seconds)."
     ),
     paths(
         super::health::healthz,

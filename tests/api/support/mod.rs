@@ -36,6 +36,8 @@ pub struct TestApp {
     pub key: KeyMaterial,
     /// The variables this app was started with (a sibling replica reuses them).
     pub vars: Vec<(String, String)>,
+    /// `http://…` of the metrics listener, when `OAUTH_METRICS_ADDR` was given.
+    pub metrics_address: Option<String>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -100,6 +102,9 @@ pub async fn spawn_app_on(
         .await
         .expect("bind");
     let address = format!("http://{}", listener.local_addr().expect("address"));
+    let metrics_address = application
+        .metrics_addr()
+        .map(|addr| format!("http://{addr}"));
     let state = application.state.clone();
     let server = tokio::spawn(async move {
         let _ = application.serve(listener, std::future::pending()).await;
@@ -119,6 +124,7 @@ pub async fn spawn_app_on(
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
+        metrics_address,
         server,
     }
 }

@@ -1,0 +1,245 @@
+//! HTTP hardening: CORS by allowlist, security headers on the callback's page and redirects and
+//! on token responses, oversized request headers.
+
+use std::time::Duration;
+
+use reqwest::header::HeaderMap;
+use serde_json::{json, Value};
+
+use crate::connect::{authorization_url, connect, to_service};
+use crate::support::fake_provider::Consent;
+use crate::support::{problem, spawn_app, spawn_app_with, spawn_with_fake, TestApp, RETURN_BASE};
+
+const ALLOWED: &str = "https://app.example.test";
+
+async fn preflight(app: &TestApp, origin: &str) -> reqwest::Response {
+    app.http
+        .request(
+            reqwest::Method::OPTIONS,
+            app.url("/api/v1/oauth/integrations"),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "authorization")
+        .send()
+        .await
+        .expect("preflight")
+}
+
+#[tokio::test]
+async fn cors_is_off_by_default() {
+    let app = spawn_app().await;
+    let response = preflight(&app, ALLOWED).await;
+    assert!(!response
+        .headers()
+        .contains_key("access-control-allow-origin"));
+    let response = app
+        .http
+        .get(app.url("/api/v1/oauth/providers"))
+        .bearer_auth(app.token("alice", &["user"]))
+        .header("origin", ALLOWED)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    assert!(!response
+        .headers()
+        .keys()
+        .any(|name| name.as_str().starts_with("access-control-")));
+}
+
+#[tokio::test]
+async fn only_listed_origins_get_cors_headers() {
+    let app = spawn_app_with(&[
+        (
+            "OAUTH_CORS_ALLOWED_ORIGINS",
+            "https://app.example.test, http://localhost:3000",
+        ),
+        ("OAUTH_RATE_LIMIT_PER_MINUTE", "1"),
+    ])
+    .await;
+    let response = preflight(&app, ALLOWED).await;
+    assert!(response.status().is_success(), "{}", response.status());
+    let headers = response.headers();
+    assert_eq!(headers["access-control-allow-origin"], ALLOWED);
+    let methods = headers["access-control-allow-methods"]
+        .to_str()
+        .expect("ascii");
+    assert!(
+        methods.contains("GET") && methods.contains("DELETE"),
+        "{methods}"
+    );
+    let allowed_headers = headers["access-control-allow-headers"]
+        .to_str()
+        .expect("ascii");
+    assert!(
+        allowed_headers.contains("authorization"),
+        "{allowed_headers}"
+    );
+    assert!(
+        !headers.contains_key("access-control-allow-credentials"),
+        "bearer tokens, no cookies"
+    );
+
+    for other in ["https://evil.example", "https://app.example.test:8443"] {
+        let response = preflight(&app, other).await;
+        assert!(
+            !response
+                .headers()
+                .contains_key("access-control-allow-origin"),
+            "{other}"
+        );
+    }
+
+    // An actual request from the allowed origin can read the response, a 429 included.
+    let alice = app.token("alice", &["user"]);
+    let call = || {
+        app.http
+            .get(app.url("/api/v1/oauth/providers"))
+            .bearer_auth(&alice)
+            .header("origin", ALLOWED)
+            .send()
+    };
+    let response = call().await.expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["access-control-allow-origin"], ALLOWED);
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(exposed.contains("retry-after") && exposed.contains("x-request-id"));
+    let limited = call().await.expect("request");
+    assert_eq!(limited.status(), 429);
+    assert_eq!(limited.headers()["access-control-allow-origin"], ALLOWED);
+}
+
+fn assert_security_headers(headers: &HeaderMap, what: &str) {
+    assert_eq!(headers["referrer-policy"], "no-referrer", "{what}");
+    assert_eq!(headers["x-frame-options"], "DENY", "{what}");
+    assert_eq!(headers["x-content-type-options"], "nosniff", "{what}");
+    let csp = headers["content-security-policy"].to_str().expect("ascii");
+    assert!(csp.contains("frame-ancestors 'none'"), "{what}: {csp}");
+    assert!(csp.contains("default-src 'none'"), "{what}: {csp}");
+}
+
+#[tokio::test]
+async fn callback_pages_redirects_and_token_responses_carry_the_security_headers() {
+    let (app, fake) = spawn_with_fake().await;
+
+    // The popup page (no return_to, a browser's Accept).
+    fake.push_consent("google", Consent::user("g-1"));
+    let url = authorization_url(&app, "alice", "google", json!({})).await;
+    let location = fake.authorize(&url).await;
+    let page = app
+        .http
+        .get(to_service(&app, &location))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .expect("callback");
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-type"]
+        .to_str()
+        .expect("ascii")
+        .starts_with("text/html"));
+    assert_security_headers(page.headers(), "popup page");
+    assert_eq!(page.headers()["cache-control"], "no-store");
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .expect("ascii");
+    assert!(
+        csp.contains("script-src 'nonce-"),
+        "the page's own policy: {csp}"
+    );
+
+    // The redirect back to the host application.
+    fake.push_consent("google", Consent::user("g-2"));
+    let url = authorization_url(&app, "bob", "google", json!({"return_to": RETURN_BASE})).await;
+    let location = fake.authorize(&url).await;
+    let redirect = app
+        .http
+        .get(to_service(&app, &location))
+        .send()
+        .await
+        .expect("callback");
+    assert_eq!(redirect.status(), 303);
+    assert_security_headers(redirect.headers(), "callback redirect");
+    assert_eq!(redirect.headers()["cache-control"], "no-store");
+
+    // A token hand-out.
+    let (status, result) = connect(
+        &app,
+        &fake,
+        "google",
+        "carol",
+        Consent::user("g-3"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{result}");
+    let id = result["integration_id"].as_str().expect("id");
+    let token = app
+        .get_as(
+            &format!("/api/v1/oauth/integrations/{id}/token"),
+            "backend",
+            &["service"],
+        )
+        .await;
+    assert_eq!(token.status(), 200);
+    assert_security_headers(token.headers(), "token response");
+    assert_eq!(token.headers()["cache-control"], "no-store");
+    let body: Value = token.json().await.expect("json");
+    assert!(body["access_token"].is_string());
+}
+
+#[tokio::test]
+async fn oversized_request_headers_get_431_not_an_error_or_a_hang() {
+    let app = spawn_app().await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    // 100 KB: within what hyper buffers, so the service's own limit answers, as problem+json.
+    let response = client
+        .get(app.url("/api/v1/oauth/providers"))
+        .header("x-padding", "a".repeat(100 * 1024))
+        .send()
+        .await
+        .expect("an answer, not a dropped connection");
+    let (status, body) = problem(response).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (431, Some("request_header_fields_too_large"))
+    );
+    // Many small headers adding up count the same.
+    let mut request = client.get(app.url("/healthz"));
+    for n in 0..40 {
+        request = request.header(format!("x-padding-{n}"), "b".repeat(1024));
+    }
+    assert_eq!(request.send().await.expect("answer").status(), 431);
+    // Beyond hyper's own limits (~400 KB of headers, 100 fields) hyper answers 431 itself.
+    let mut request = client.get(app.url("/healthz"));
+    for n in 0..120 {
+        request = request.header(format!("x-many-{n}"), "c");
+    }
+    assert_eq!(request.send().await.expect("answer").status(), 431);
+    let huge = client
+        .get(app.url("/healthz"))
+        .header("x-padding", "a".repeat(600 * 1024))
+        .send()
+        .await;
+    match huge {
+        Ok(response) => assert_eq!(response.status(), 431),
+        // hyper may close while the client is still sending: refused, but never a hang.
+        Err(err) => assert!(!err.is_timeout(), "{err}"),
+    }
+    // Ordinary requests, a long JWT included, pass.
+    let long_token = app.token(&"u".repeat(200), &["user"]);
+    let response = client
+        .get(app.url("/api/v1/oauth/providers"))
+        .bearer_auth(long_token)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 200);
+}
