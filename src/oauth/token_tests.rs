@@ -734,3 +734,99 @@ async fn invalid_configured_header_is_not_transient() {
     assert_eq!(err.class(), FailureClass::Other, "{err:?}");
     assert!(server.requests().is_empty());
 }
+
+// ---- secrets repeated by the provider -----------------------------------------------------
+
+#[tokio::test]
+async fn provider_errors_never_repeat_the_secrets_of_the_request() {
+    // Some servers repeat what they refuse ("Invalid authorization code: …"); that text ends up
+    // in logs, `last_error` and API responses, so the request's secrets are cut out of it.
+    let echo = "Invalid code code-abc (verifier dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk) \
+                from client-123:s3cr3t%3Awith%2Fodd%7Echars / s3cr3t:with/odd~chars \
+                Basic Y2xpZW50LTEyMzpzM2NyM3QlM0F3aXRoJTJGb2RkJTdFY2hhcnM=";
+    let body = serde_json::json!({"error": "invalid_grant: code-abc", "error_description": echo});
+    for auth in [ClientAuth::ClientSecretBasic, ClientAuth::ClientSecretPost] {
+        let server = FakeServer::start(vec![Scripted::json(400, &body.to_string())]).await;
+        let verifier = SecretString::from("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk");
+        let grant = TokenGrant::AuthorizationCode {
+            code: "code-abc",
+            redirect_uri: "https://vault.example/callback/google",
+            code_verifier: Some(&verifier),
+        };
+        let target = endpoint(&server, auth, BodyFormat::Form, vec![]);
+        let err = request_token(&http_client().unwrap(), &target, &credentials(), grant)
+            .await
+            .unwrap_err();
+        let shown = format!("{err} {err:?}");
+        for secret in [
+            "code-abc",
+            "dBjftJeZ4CVP",
+            "s3cr3t",
+            "Y2xpZW50LTEyMzpzM2NyM3QlM0F3aXRoJTJGb2RkJTdFY2hhcnM",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("Invalid code [redacted] (verifier [redacted])"),
+            "{shown}"
+        );
+    }
+
+    // A refresh token repeated near the end of a long description is cut out before the text
+    // is bounded, so not even a prefix of it survives.
+    let refresh = SecretString::from("1//0gLongRefreshTokenValue-abcdefghijklmnopqrstuvwxyz");
+    let description = format!(
+        "{}Invalid refresh token: {}",
+        "x".repeat(280),
+        refresh.expose_secret()
+    );
+    let body = serde_json::json!({"error": "invalid_grant", "error_description": description});
+    let server = FakeServer::start(vec![Scripted::json(400, &body.to_string())]).await;
+    let target = endpoint(
+        &server,
+        ClientAuth::ClientSecretPost,
+        BodyFormat::Form,
+        vec![],
+    );
+    let grant = TokenGrant::RefreshToken {
+        refresh_token: &refresh,
+    };
+    let err = request_token(&http_client().unwrap(), &target, &credentials(), grant)
+        .await
+        .unwrap_err();
+    assert!(!format!("{err:?}").contains("1//0gLong"), "{err:?}");
+}
+
+#[test]
+fn redact_removes_every_secret_longest_first() {
+    let secrets = vec!["abc".to_owned(), "abcdef".to_owned(), String::new()];
+    assert_eq!(
+        redact("x abcdef y abc z", &secrets),
+        "x [redacted] y [redacted] z"
+    );
+    assert_eq!(redact("nothing here", &secrets), "nothing here");
+}
+
+proptest! {
+    #[test]
+    fn redacted_text_holds_no_secret(
+        text in ".{0,200}",
+        secrets in proptest::collection::vec("[A-Za-z0-9._~/+=-]{8,40}", 1..4),
+        positions in proptest::collection::vec(0usize..200, 1..4),
+    ) {
+        // Secrets planted anywhere in arbitrary text, then redacted.
+        let mut planted = text.clone();
+        for (secret, position) in secrets.iter().zip(&positions) {
+            let at = planted
+                .char_indices()
+                .map(|(index, _)| index)
+                .nth(*position)
+                .unwrap_or(planted.len());
+            planted.insert_str(at, secret);
+        }
+        let clean = redact(&planted, &secrets);
+        for secret in &secrets {
+            prop_assert!(!clean.contains(secret.as_str()), "{} in {}", secret, clean);
+        }
+    }
+}

@@ -19,5 +19,6 @@ mod lifecycle;
 mod migrations;
 mod privacy;
 mod providers;
+mod secrets;
 mod storage;
 mod support;
