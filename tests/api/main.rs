@@ -14,6 +14,7 @@ mod crash;
 mod encryption;
 mod fake_provider_selftest;
 mod health;
+mod input;
 mod integrations;
 mod lifecycle;
 mod migrations;

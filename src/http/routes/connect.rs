@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -13,9 +13,11 @@ use uuid::Uuid;
 
 use crate::auth::rbac::WriteIntegrations;
 use crate::http::error::ApiError;
-use crate::http::extract::{ApiPath, Authorized, ClientInfo};
+use crate::http::extract::{ApiPath, Authorized, ClientInfo, OptionalJson};
 use crate::http::AppState;
-use crate::services::flow::{self, AuthorizeRequest, CallbackOutcome, CallbackParams};
+use crate::services::flow::{
+    self, AuthorizeRequest, CallbackError, CallbackOutcome, CallbackParams,
+};
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -62,15 +64,9 @@ pub async fn authorize(
     Authorized(actor): Authorized<WriteIntegrations>,
     ApiPath(provider): ApiPath<String>,
     ClientInfo(client): ClientInfo,
-    body: axum::body::Bytes,
-) -> Result<Json<AuthorizeResponse>, ApiError> {
     // Every field is optional, so an empty body is an empty request.
-    let body: AuthorizeBody = if body.iter().all(u8::is_ascii_whitespace) {
-        AuthorizeBody::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|err| ApiError::bad_request("invalid_body", err.to_string()))?
-    };
+    OptionalJson(body): OptionalJson<AuthorizeBody>,
+) -> Result<Json<AuthorizeResponse>, ApiError> {
     let request = AuthorizeRequest {
         scopes: body.scopes,
         features: body.features,
@@ -130,25 +126,26 @@ impl From<&CallbackOutcome> for CallbackResult {
     ),
     responses(
         (status = 303, description = "Redirect to return_to with the result in the query"),
-        (status = 200, description = "Success (JSON or HTML page)", body = CallbackResult),
-        (status = 400, description = "Failure (JSON or HTML page)", body = CallbackResult),
+        (status = 200, description = "Success: JSON with `Accept: application/json`, else an HTML page posting the result to `window.opener`",
+            content((CallbackResult = "application/json"), (String = "text/html"))),
+        (status = 400, description = "Failure (JSON or HTML page, as for 200; a malformed path is a problem)",
+            content((CallbackResult = "application/json"), (String = "text/html"))),
     ))]
 pub async fn callback(
     State(state): State<AppState>,
     ApiPath(provider): ApiPath<String>,
     ClientInfo(client): ClientInfo,
-    Query(query): Query<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let take = |name: &str| query.get(name).cloned();
-    let params = CallbackParams {
-        code: take("code"),
-        state: take("state"),
-        error: take("error"),
-        error_description: take("error_description"),
-        iss: take("iss"),
+    let outcome = match parse_callback_query(query.as_deref()) {
+        Ok(params) => flow::complete(&state.services, &provider, params, &client).await,
+        Err(err) => CallbackOutcome {
+            provider,
+            return_to: None,
+            result: Err(err),
+        },
     };
-    let outcome = flow::complete(&state.services, &provider, params, &client).await;
     let result = CallbackResult::from(&outcome);
     let mut response = match &outcome.return_to {
         Some(return_to) => redirect(return_to, &result),
@@ -163,6 +160,41 @@ pub async fn callback(
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// The parameters of the provider's redirect that the flow reads; any others (Google's
+/// `authuser`, Microsoft's `session_state`, ...) are ignored. A parameter given twice, or a value
+/// holding a NUL character, is refused as `invalid_request` before anything is looked up: RFC
+/// 6749 §3.1 forbids repeated parameters, and which of two `state`s or `code`s was meant must
+/// not be guessed.
+pub fn parse_callback_query(query: Option<&str>) -> Result<CallbackParams, CallbackError> {
+    const READ: [&str; 5] = ["code", "state", "error", "error_description", "iss"];
+    let refuse = |description: String| CallbackError {
+        code: "invalid_request",
+        description,
+    };
+    let mut found: HashMap<&'static str, String> = HashMap::new();
+    for (name, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let Some(name) = READ.iter().copied().find(|known| *known == name) else {
+            continue;
+        };
+        if value.contains('\0') {
+            return Err(refuse(format!(
+                "the {name} parameter holds a NUL character"
+            )));
+        }
+        if found.insert(name, value.into_owned()).is_some() {
+            return Err(refuse(format!("the {name} parameter is repeated")));
+        }
+    }
+    let mut take = |name: &str| found.remove(name);
+    Ok(CallbackParams {
+        code: take("code"),
+        state: take("state"),
+        error: take("error"),
+        error_description: take("error_description"),
+        iss: take("iss"),
+    })
 }
 
 fn status_of(result: &CallbackResult) -> StatusCode {
