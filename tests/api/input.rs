@@ -375,3 +375,71 @@ async fn malformed_callbacks_are_400s_with_an_error_code() {
         }
     }
 }
+
+/// Arbitrary query strings (raw text, and encoded pairs mixing the callback's parameters with
+/// others) sent to the real callback route: always a 400 with an error code, never a 5xx.
+#[test]
+fn arbitrary_callback_queries_get_a_400_never_a_5xx() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (app, _fake) = runtime.block_on(spawn_with_fake());
+    let http = http();
+    let names = prop_oneof![
+        Just("code".to_owned()),
+        Just("state".to_owned()),
+        Just("error".to_owned()),
+        Just("error_description".to_owned()),
+        Just("iss".to_owned()),
+        "[a-z_]{0,12}",
+    ];
+    let pairs = proptest::collection::vec((names, ".{0,40}"), 0..6).prop_map(|pairs| {
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        for (name, value) in &pairs {
+            query.append_pair(name, value);
+        }
+        query.finish()
+    });
+    let queries = prop_oneof![".{0,300}", pairs];
+    let mut runner = TestRunner::new(Config {
+        cases: 64,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&queries, |query| {
+        let Ok(url) = url::Url::parse(&app.url(&format!("{API}/callback/google?{query}"))) else {
+            return Ok(());
+        };
+        let (status, body) = runtime.block_on(async {
+            let response = http
+                .get(url)
+                .header("accept", "application/json")
+                .send()
+                .await
+                .expect("an answer in time");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap_or_default())
+        });
+        prop_assert_eq!(status, 400, "{:?}: {}", query, body);
+        prop_assert_eq!(&body["oauth_status"], "error", "{:?}: {}", query, body);
+        prop_assert!(
+            matches!(
+                body["error"].as_str(),
+                Some("invalid_state" | "invalid_request")
+            ),
+            "{:?}: {}",
+            query,
+            body
+        );
+        Ok(())
+    });
+    drop(app);
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+}

@@ -311,6 +311,91 @@ fn script_json(value: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn callback_query_reads_the_five_parameters_and_ignores_the_rest() {
+        let params = parse_callback_query(Some(
+            "code=4%2F0abc&state=s+1&iss=https%3A%2F%2Fid.test&authuser=0&prompt=consent&scope=a+b",
+        ))
+        .expect("parses");
+        assert_eq!(params.code.as_deref(), Some("4/0abc"));
+        assert_eq!(params.state.as_deref(), Some("s 1"));
+        assert_eq!(params.iss.as_deref(), Some("https://id.test"));
+        assert_eq!(params.error, None);
+        let denied = parse_callback_query(Some(
+            "error=access_denied&error_description=The+user+said+no&state=s&error_subcode=cancel",
+        ))
+        .expect("parses");
+        assert_eq!(denied.error.as_deref(), Some("access_denied"));
+        assert_eq!(
+            denied.error_description.as_deref(),
+            Some("The user said no")
+        );
+        let empty = parse_callback_query(None).expect("parses");
+        assert!(empty.code.is_none() && empty.state.is_none());
+        // Repeating an ignored parameter is no concern of ours.
+        assert!(parse_callback_query(Some("authuser=0&authuser=1&state=s")).is_ok());
+    }
+
+    #[test]
+    fn callback_query_refuses_repeated_parameters_and_nul() {
+        for query in [
+            "state=a&state=b",
+            "code=a&state=s&code=b",
+            "state=s&iss=x&iss=x",
+            "error=a&error=a",
+            "state=a%00b",
+            "code=%00",
+            "state=s&error_description=x%00",
+        ] {
+            let err = parse_callback_query(Some(query)).err().expect(query);
+            assert_eq!(err.code, "invalid_request", "{query}");
+        }
+    }
+
+    proptest! {
+        /// Any query string parses or is refused as `invalid_request`; never a panic, and a
+        /// parsed value is exactly what the query carried.
+        #[test]
+        fn arbitrary_callback_queries_never_panic(query in ".{0,200}") {
+            match parse_callback_query(Some(&query)) {
+                Ok(params) => {
+                    for value in [&params.code, &params.state, &params.error, &params.error_description, &params.iss]
+                        .into_iter()
+                        .flatten()
+                    {
+                        prop_assert!(!value.contains('\0'));
+                    }
+                }
+                Err(err) => prop_assert_eq!(err.code, "invalid_request"),
+            }
+        }
+
+        /// Well-formed callbacks, parameters in any order among unknown ones, round-trip.
+        #[test]
+        fn encoded_parameters_round_trip(
+            code in ".{1,40}",
+            state in "[A-Za-z0-9_-]{1,64}",
+            extra in proptest::collection::vec(("[a-z_]{1,10}", ".{0,20}"), 0..4),
+        ) {
+            let known = ["code", "state", "error", "error_description", "iss"];
+            let mut query = url::form_urlencoded::Serializer::new(String::new());
+            for (name, value) in extra.iter().filter(|(name, _)| !known.contains(&name.as_str())) {
+                query.append_pair(name, value);
+            }
+            query.append_pair("state", &state);
+            query.append_pair("code", &code);
+            let parsed = parse_callback_query(Some(&query.finish()));
+            if code.contains('\0') {
+                prop_assert!(parsed.is_err());
+            } else {
+                let parsed = parsed.expect("parses");
+                prop_assert_eq!(parsed.code.as_deref(), Some(code.as_str()));
+                prop_assert_eq!(parsed.state.as_deref(), Some(state.as_str()));
+            }
+        }
+    }
 
     #[test]
     fn embedded_json_cannot_close_the_script() {

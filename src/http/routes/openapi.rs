@@ -181,3 +181,72 @@ fn problem_content() -> Content {
 pub async fn openapi_json(_caller: Authenticated) -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+
+    #[test]
+    fn every_error_answer_is_documented_as_problem_json() {
+        let document = serde_json::to_value(ApiDoc::openapi()).expect("serializes");
+        let paths = document["paths"].as_object().expect("paths");
+        let operations: usize = paths
+            .values()
+            .map(|item| item.as_object().map_or(0, serde_json::Map::len))
+            .sum();
+        assert_eq!(operations, 20, "every route is documented");
+        for (path, item) in paths {
+            for (method, operation) in item.as_object().expect("item") {
+                let name = format!("{method} {path}");
+                let responses = operation["responses"].as_object().expect("responses");
+                for (status, response) in responses {
+                    let content = response["content"].as_object().cloned().unwrap_or_default();
+                    let json_problem = content.get("application/json").is_some_and(|json| {
+                        json["schema"]["$ref"] == "#/components/schemas/Problem"
+                    });
+                    assert!(
+                        !json_problem,
+                        "{name} {status}: Problem under application/json"
+                    );
+                    if status.starts_with('4') || status.starts_with('5') {
+                        assert!(
+                            content.contains_key(PROBLEM_JSON),
+                            "{name} {status}: no problem+json body"
+                        );
+                    }
+                }
+                let has = |status: &str| responses.contains_key(status);
+                let non_empty = |field: &str| {
+                    operation[field]
+                        .as_array()
+                        .is_some_and(|items| !items.is_empty())
+                };
+                if non_empty("security") {
+                    assert!(has("401"), "{name}: 401");
+                }
+                if non_empty("parameters") {
+                    assert!(has("400"), "{name}: 400");
+                }
+                if operation
+                    .get("requestBody")
+                    .is_some_and(|body| body != &Value::Null)
+                {
+                    assert!(
+                        has("400") && has("413") && has("415"),
+                        "{name}: body errors"
+                    );
+                }
+                if path.starts_with(crate::http::API_PREFIX) {
+                    assert!(has("503"), "{name}: 503");
+                }
+            }
+        }
+        let callback = &document["paths"]["/api/v1/oauth/callback/{provider}"]["get"]["responses"];
+        for status in ["200", "400"] {
+            let content = callback[status]["content"].as_object().expect("content");
+            assert!(content.contains_key("application/json") && content.contains_key("text/html"));
+        }
+    }
+}
