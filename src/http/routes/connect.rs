@@ -349,7 +349,7 @@ mod tests {
             "code=%00",
             "state=s&error_description=x%00",
         ] {
-            let err = parse_callback_query(Some(query)).err().expect(query);
+            let err = parse_callback_query(Some(query)).expect_err(query);
             assert_eq!(err.code, "invalid_request", "{query}");
         }
     }
