@@ -562,7 +562,9 @@ features = ["calendar.read"]
                         let elsewhere = text
                             .lines()
                             .any(|other| !other.starts_with("client_secret") && other.contains(value));
-                        if value.len() >= 8 && !elsewhere {
+                        // (Nor is a value that the message names anyway: an enum variant.)
+                        let variant = ["client_secret_post", "client_secret_basic"].contains(&value);
+                        if value.len() >= 8 && !elsewhere && !variant {
                             prop_assert!(!reason.contains(value), "{}", reason);
                         }
                     }
