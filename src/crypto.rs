@@ -25,6 +25,15 @@ const KEY_LEN: usize = 32;
 /// Domain separation: a different format version never verifies against this one.
 const AAD_VERSION: &str = "oauth-manager/v1";
 
+/// Whether two secrets are equal, in time that depends on their lengths only, never on where
+/// they first differ (`subtle`): for every comparison of a secret held in memory (the ID
+/// token's `nonce`, a caller-reported access token, a PKCE pair), so response timing cannot
+/// reveal how much of a guess was right. Secret lengths are not secret here (they are fixed
+/// by the formats).
+pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
+    bool::from(subtle::ConstantTimeEq::ct_eq(a, b))
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CryptoError {
     #[error("value was sealed with key {0}, which is not in the keyring (set OAUTH_ENCRYPTION_OLD_KEYS)")]
@@ -203,6 +212,37 @@ impl Keyring {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn secrets_equal_compares_whole_values() {
+        assert!(secrets_equal(b"n-0S6_WzA2Mj", b"n-0S6_WzA2Mj"));
+        assert!(secrets_equal(b"", b""));
+        assert!(
+            !secrets_equal(b"n-0S6_WzA2Mj", b"x-0S6_WzA2Mj"),
+            "first byte"
+        );
+        assert!(
+            !secrets_equal(b"n-0S6_WzA2Mj", b"n-0S6_WzA2Mx"),
+            "last byte"
+        );
+        assert!(!secrets_equal(b"n-0S6_WzA2Mj", b"n-0S6_WzA2M"), "a prefix");
+        assert!(
+            !secrets_equal(b"n-0S6_WzA2M", b"n-0S6_WzA2Mj"),
+            "a longer value"
+        );
+        assert!(!secrets_equal(b"", b"x"));
+    }
+
+    proptest! {
+        #[test]
+        fn secrets_equal_agrees_with_plain_equality(
+            a in proptest::collection::vec(any::<u8>(), 0..48),
+            b in proptest::collection::vec(any::<u8>(), 0..48),
+        ) {
+            prop_assert_eq!(secrets_equal(&a, &b), a == b);
+            prop_assert!(secrets_equal(&a, &a.clone()));
+        }
+    }
 
     fn aad<'a>(row: &'a str, owner: &'a str) -> Aad<'a> {
         Aad {

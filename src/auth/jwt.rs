@@ -145,10 +145,13 @@ impl JwtVerifier {
             .get("sub")
             .and_then(Value::as_str)
             // `erased:` marks pseudonymised users in the audit log; no live caller may use it.
+            // Control characters (NUL above all, which PostgreSQL text cannot hold) have no
+            // place in a user id that is stored, logged and compared.
             .filter(|sub| {
                 !sub.is_empty()
                     && sub.chars().count() <= MAX_SUBJECT_CHARS
                     && !sub.starts_with("erased:")
+                    && !sub.chars().any(char::is_control)
             })
             .ok_or(AuthError::MissingSubject)?;
         Ok(Principal::new(subject, self.roles(&claims), &self.role_map))
@@ -283,6 +286,7 @@ mod tests {
     use std::sync::Arc;
 
     use jsonwebtoken::{encode, EncodingKey, Header};
+    use proptest::prelude::*;
     use secrecy::SecretString;
     use serde_json::json;
 
@@ -327,6 +331,215 @@ mod tests {
         }
         let ordinary = json!({"sub": "alice", "exp": valid_until, "nbf": 0, "iat": 0});
         assert!(verifier.verify(&sign(&ordinary)).await.is_ok());
+    }
+
+    const RSA_PUBLIC: &str = include_str!("../../tests/fixtures/jwt_rsa_public.pem");
+    const RSA_PRIVATE: &str = include_str!("../../tests/fixtures/jwt_rsa_private.pem");
+    const EC_P256_PRIVATE: &str = include_str!("../../tests/fixtures/jwt_ec_private.pem");
+
+    fn valid_claims() -> Value {
+        json!({"sub": "alice", "roles": ["admin"], "exp": Utc::now().timestamp() + 3600})
+    }
+
+    fn sign_with(algorithm: Algorithm, key: &EncodingKey, kid: Option<&str>) -> String {
+        let mut header = Header::new(algorithm);
+        header.kid = kid.map(str::to_owned);
+        encode(&header, &valid_claims(), key).unwrap()
+    }
+
+    fn unsigned(header: &Value) -> String {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(valid_claims().to_string())
+        )
+    }
+
+    #[tokio::test]
+    async fn the_configured_key_fixes_the_algorithm_whatever_the_token_says() {
+        let hs = verifier(JwtKeySource::Secret(SecretString::from(SECRET))).unwrap();
+        let rs = verifier(JwtKeySource::PublicKeyPem(RSA_PUBLIC.to_owned())).unwrap();
+        let es = verifier(JwtKeySource::PublicKeyPem(EC_P256_PUBLIC.to_owned())).unwrap();
+        let hs_token = sign_with(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+            None,
+        );
+        let rs_token = sign_with(
+            Algorithm::RS256,
+            &EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap(),
+            None,
+        );
+        let es_token = sign_with(
+            Algorithm::ES256,
+            &EncodingKey::from_ec_pem(EC_P256_PRIVATE.as_bytes()).unwrap(),
+            None,
+        );
+        // Each verifier takes its own algorithm...
+        assert!(hs.verify(&hs_token).await.is_ok());
+        assert!(rs.verify(&rs_token).await.is_ok());
+        assert!(es.verify(&es_token).await.is_ok());
+        // ...and nothing else: RS→HS and HS→RS swaps, EC for RSA and back.
+        for (verifier, token) in [
+            (&hs, &rs_token),
+            (&hs, &es_token),
+            (&rs, &hs_token),
+            (&rs, &es_token),
+            (&es, &hs_token),
+            (&es, &rs_token),
+        ] {
+            assert_eq!(
+                verifier.verify(token).await.err(),
+                Some(AuthError::BadSignature)
+            );
+        }
+        // The classic confusion: HS256 keyed with the public key's PEM text (and its bytes
+        // without the trailing newline), for a service configured with that public key.
+        for public in [RSA_PUBLIC, RSA_PUBLIC.trim_end()] {
+            let forged = sign_with(
+                Algorithm::HS256,
+                &EncodingKey::from_secret(public.as_bytes()),
+                None,
+            );
+            assert_eq!(
+                rs.verify(&forged).await.err(),
+                Some(AuthError::BadSignature)
+            );
+        }
+        // `alg: none` (any spelling) and other unsigned or unknown algorithms.
+        for alg in ["none", "None", "NONE", "nOnE", "", "HS0", "RS1"] {
+            let token = unsigned(&json!({"alg": alg, "typ": "JWT"}));
+            for verifier in [&hs, &rs, &es] {
+                let result = verifier.verify(&token).await;
+                assert!(
+                    matches!(result, Err(AuthError::Malformed | AuthError::BadSignature)),
+                    "alg {alg:?}: {result:?}"
+                );
+            }
+        }
+        // With a static key, a `kid`, `jku` or embedded `jwk` changes nothing: a token signed by
+        // another key stays refused.
+        let other_hs = sign_with(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(b"another-secret-another-secret-0123"),
+            Some("../../../etc/passwd"),
+        );
+        assert_eq!(
+            hs.verify(&other_hs).await.err(),
+            Some(AuthError::BadSignature)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_subject_with_control_characters_is_refused() {
+        let verifier = verifier(JwtKeySource::Secret(SecretString::from(SECRET))).unwrap();
+        let exp = Utc::now().timestamp() + 3600;
+        for sub in ["al\u{0}ice", "alice\n", "\u{7f}", "a\tb"] {
+            let token = sign(&json!({"sub": sub, "exp": exp}));
+            assert_eq!(
+                verifier.verify(&token).await.err(),
+                Some(AuthError::MissingSubject),
+                "{sub:?}"
+            );
+        }
+        let fine = sign(&json!({"sub": "ålice@example.com|42", "exp": exp}));
+        assert!(verifier.verify(&fine).await.is_ok());
+    }
+
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+
+    /// base64url of arbitrary bytes, so generated tokens get past the segment split.
+    fn segment() -> impl Strategy<Value = String> {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        proptest::collection::vec(any::<u8>(), 0..64)
+            .prop_map(|bytes| URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    /// A header that parses: a known or odd algorithm, maybe a `kid`, maybe junk members.
+    fn header() -> impl Strategy<Value = String> {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        let alg = prop_oneof![
+            Just("HS256".to_owned()),
+            Just("RS256".to_owned()),
+            Just("ES256".to_owned()),
+            Just("none".to_owned()),
+            ".{0,8}",
+        ];
+        (
+            alg,
+            proptest::option::of(".{0,40}"),
+            proptest::option::of(".{0,20}"),
+        )
+            .prop_map(|(alg, kid, junk)| {
+                let mut header = json!({"alg": alg, "typ": "JWT"});
+                if let Some(kid) = kid {
+                    header["kid"] = json!(kid);
+                }
+                if let Some(junk) = junk {
+                    header["jku"] = json!(junk);
+                }
+                URL_SAFE_NO_PAD.encode(header.to_string())
+            })
+    }
+
+    /// Claims that would be accepted if only the signature were right.
+    fn payload() -> impl Strategy<Value = String> {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        (".{0,20}", any::<i64>(), proptest::option::of(any::<f64>())).prop_map(|(sub, exp, nbf)| {
+            let mut claims = json!({"sub": sub, "exp": exp, "roles": ["admin"]});
+            if let Some(nbf) = nbf {
+                claims["nbf"] = json!(nbf);
+            }
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any text as a bearer token is an error, never a panic and never a principal.
+        #[test]
+        fn arbitrary_text_is_refused(token in ".{0,300}") {
+            let verifier = verifier(JwtKeySource::Secret(SecretString::from(SECRET))).unwrap();
+            prop_assert!(block_on(verifier.verify(&token)).is_err());
+        }
+
+        /// Arbitrary bytes (as the header would carry them, lossily decoded) are refused too.
+        #[test]
+        fn arbitrary_bytes_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let verifier = verifier(JwtKeySource::PublicKeyPem(RSA_PUBLIC.to_owned())).unwrap();
+            let token = String::from_utf8_lossy(&bytes);
+            prop_assert!(block_on(verifier.verify(&token)).is_err());
+        }
+
+        /// Three well-formed segments with a parseable header and plausible claims, but a
+        /// signature nobody made: refused by every key type.
+        #[test]
+        fn well_formed_tokens_with_forged_signatures_are_refused(
+            header in header(),
+            payload in payload(),
+            signature in segment(),
+            key in 0..3usize,
+        ) {
+            let source = match key {
+                0 => JwtKeySource::Secret(SecretString::from(SECRET)),
+                1 => JwtKeySource::PublicKeyPem(RSA_PUBLIC.to_owned()),
+                _ => JwtKeySource::PublicKeyPem(EC_P256_PUBLIC.to_owned()),
+            };
+            let verifier = verifier(source).unwrap();
+            let token = format!("{header}.{payload}.{signature}");
+            prop_assert!(block_on(verifier.verify(&token)).is_err());
+        }
     }
 
     #[test]

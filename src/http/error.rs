@@ -1,7 +1,7 @@
 //! The single mapping from every layer's errors to HTTP: RFC 9457 `application/problem+json`
 //! with a stable, machine-readable `code`.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -197,9 +197,17 @@ impl From<ServiceError> for ApiError {
     }
 }
 
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        Self::new(rejection.status(), "invalid_body", rejection.body_text())
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the body exceeds the 64 KiB limit",
+            )
+        } else {
+            Self::bad_request("invalid_body", rejection.body_text())
+        }
     }
 }
 

@@ -3,8 +3,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts};
-use axum::http::{header, request::Parts, Extensions, HeaderMap};
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::{header, request::Parts, Extensions, HeaderMap, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use super::error::ApiError;
 use super::AppState;
@@ -105,17 +108,142 @@ impl<P: RequiredPermission> FromRequestParts<AppState> for Authorized<P> {
     }
 }
 
-#[derive(Debug, FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON request body, strictly: `Content-Type: application/json` (else 415
+/// `unsupported_media_type`), within the body limit (else 413 `payload_too_large`), well-formed
+/// JSON without NUL characters in any string (PostgreSQL text cannot hold them), of the
+/// expected shape (request types deny unknown fields); else 400 `invalid_body`.
+#[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
-#[derive(Debug, FromRequestParts)]
-#[from_request(via(axum::extract::Query), rejection(ApiError))]
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let body = read_body(request, state).await?;
+        parse_json(&body.headers, &body.bytes).map(Self)
+    }
+}
+
+/// Like [`ApiJson`], for bodies whose every field is optional: an empty (or blank) body, with
+/// any content type or none, is `T::default()`.
+#[derive(Debug)]
+pub struct OptionalJson<T>(pub T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let body = read_body(request, state).await?;
+        if body.bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(T::default()));
+        }
+        parse_json(&body.headers, &body.bytes).map(Self)
+    }
+}
+
+struct Body {
+    headers: HeaderMap,
+    bytes: Bytes,
+}
+
+async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Body, ApiError> {
+    let headers = request.headers().clone();
+    let bytes = Bytes::from_request(request, state).await?;
+    Ok(Body { headers, bytes })
+}
+
+fn parse_json<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, ApiError> {
+    if !is_json_content_type(headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be JSON, sent with Content-Type: application/json",
+        ));
+    }
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|err| ApiError::bad_request("invalid_body", format!("not valid JSON: {err}")))?;
+    if holds_nul(&value) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "text in the body must not contain NUL characters",
+        ));
+    }
+    T::deserialize(value).map_err(|err| ApiError::bad_request("invalid_body", err.to_string()))
+}
+
+/// `application/json`, or an `application/…+json` type, with any parameters.
+fn is_json_content_type(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|subtype| subtype.ends_with("+json"))
+}
+
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(members) => members
+            .iter()
+            .any(|(name, member)| name.contains('\0') || holds_nul(member)),
+        _ => false,
+    }
+}
+
+/// Query parameters (400 `invalid_query` when they do not fit `T`, or hold a NUL character).
+#[derive(Debug)]
 pub struct ApiQuery<T>(pub T);
 
-#[derive(Debug, FromRequestParts)]
-#[from_request(via(axum::extract::Path), rejection(ApiError))]
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        if url::form_urlencoded::parse(query.as_bytes())
+            .any(|(name, value)| name.contains('\0') || value.contains('\0'))
+        {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "query parameters must not contain NUL characters",
+            ));
+        }
+        let Query(value) = Query::try_from_uri(&parts.uri)?;
+        Ok(Self(value))
+    }
+}
+
+/// Path parameters (400 `invalid_path` when they do not fit `T`, e.g. an id that is not a UUID,
+/// are not UTF-8, or hold a NUL character).
+#[derive(Debug)]
 pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        // A NUL can only arrive percent-encoded: raw control bytes are not valid in a URI.
+        if parts.uri.path().contains("%00") {
+            return Err(ApiError::bad_request(
+                "invalid_path",
+                "path parameters must not contain NUL characters",
+            ));
+        }
+        let Path(value) = Path::<T>::from_request_parts(parts, state).await?;
+        Ok(Self(value))
+    }
+}
 
 /// Who is on the other end, for the audit log and consent records: the request id, the
 /// client's IP (the last `X-Forwarded-For` hop when `OAUTH_TRUST_PROXY_HEADERS=true`, i.e. the

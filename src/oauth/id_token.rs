@@ -8,7 +8,6 @@
 use chrono::{DateTime, Duration, Utc};
 use jsonwebtoken::{decode, decode_header, errors::ErrorKind, Algorithm, Validation};
 use serde_json::{Map, Value};
-use subtle::ConstantTimeEq;
 
 use crate::jwks::{JwksCache, JwksError};
 
@@ -293,7 +292,7 @@ fn check_nonce(claims: &Map<String, Value>, expected: Option<&str>) -> Result<()
         .get("nonce")
         .and_then(Value::as_str)
         .ok_or(IdTokenError::NonceMismatch)?;
-    if bool::from(actual.as_bytes().ct_eq(expected.as_bytes())) {
+    if crate::crypto::secrets_equal(actual.as_bytes(), expected.as_bytes()) {
         Ok(())
     } else {
         Err(IdTokenError::NonceMismatch)

@@ -266,6 +266,21 @@ fn cases() -> Vec<Case> {
             Err(NonceMismatch),
         ),
         case(
+            "a prefix of the nonce",
+            es256(&with(json!({"nonce": &NONCE[..NONCE.len() - 1]}))),
+            Err(NonceMismatch),
+        ),
+        case(
+            "the nonce and more",
+            es256(&with(json!({"nonce": format!("{NONCE}x")}))),
+            Err(NonceMismatch),
+        ),
+        case(
+            "a nonce that is not text",
+            es256(&with(json!({"nonce": 42}))),
+            Err(NonceMismatch),
+        ),
+        case(
             "missing sub",
             es256(&with(json!({"sub": null}))),
             Err(MissingSubject),

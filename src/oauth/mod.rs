@@ -85,10 +85,16 @@ pub async fn get_json_with_bearer(
         .header(reqwest::header::ACCEPT, "application/json")
         .header(reqwest::header::AUTHORIZATION, authorization);
     let reply = transport::send(request).await?;
-    bearer_reply(&reply)
+    let token = access_token.expose_secret().to_owned();
+    let encoded = url::form_urlencoded::byte_serialize(token.as_bytes()).collect();
+    bearer_reply(&reply, &zeroize::Zeroizing::new(vec![token, encoded]))
 }
 
-fn bearer_reply(reply: &transport::Reply) -> Result<serde_json::Value, TokenError> {
+/// `secrets`: the access token, removed from any error text the API sent.
+fn bearer_reply(
+    reply: &transport::Reply,
+    secrets: &[String],
+) -> Result<serde_json::Value, TokenError> {
     match reply.status {
         200..=299 => serde_json::from_slice(&reply.body).map_err(|_| {
             TokenError::InvalidResponse(format!("HTTP {} body is not JSON", reply.status))
@@ -96,13 +102,13 @@ fn bearer_reply(reply: &transport::Reply) -> Result<serde_json::Value, TokenErro
         401 => Err(TokenError::Unauthorized),
         300..=399 => Err(transport::redirect_error(reply.status)),
         status if transport::is_transient_status(status) => Err(reply.transient()),
-        status => Err(api_error(status, &reply.body)),
+        status => Err(api_error(status, &reply.body, secrets)),
     }
 }
 
 /// A non-success API answer. Google APIs nest the error (`{"error":{"message":..,
 /// "errors":[{"reason":"quotaExceeded"}]}}`), OAuth-style endpoints put a string in `error`.
-fn api_error(status: u16, body: &[u8]) -> TokenError {
+fn api_error(status: u16, body: &[u8], secrets: &[String]) -> TokenError {
     let document: Option<serde_json::Value> = serde_json::from_slice(body).ok();
     let error = document.as_ref().and_then(|doc| doc.get("error"));
     let (code, description) = match error {
@@ -128,7 +134,7 @@ fn api_error(status: u16, body: &[u8]) -> TokenError {
         ),
         _ => ("unknown_error".to_owned(), None),
     };
-    TokenError::provider(code, description, Vec::new(), status)
+    TokenError::provider_redacting(code, description, Vec::new(), status, secrets)
 }
 
 #[cfg(test)]
@@ -206,6 +212,18 @@ mod tests {
             assert!(check(&err), "unexpected {err:?}");
             assert!(!format!("{err} {err:?}").contains("secret-access-token"));
         }
+    }
+
+    #[tokio::test]
+    async fn an_api_error_never_repeats_the_access_token() {
+        let body = r#"{"error":{"message":"token ya29.secret-access-token is not valid","status":"PERMISSION_DENIED"}}"#;
+        let server = FakeServer::start(vec![Scripted::json(403, body)]).await;
+        let err = get_json_with_bearer(&http_client().unwrap(), &server.url("/api"), &token())
+            .await
+            .unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("secret-access-token"), "{shown}");
+        assert!(shown.contains("token [redacted] is not valid"), "{shown}");
     }
 
     #[tokio::test]

@@ -35,9 +35,13 @@ impl Pkce {
         }
     }
 
-    /// Recomputes the challenge from the verifier, e.g. to check a stored pair.
+    /// Recomputes the challenge from the verifier, e.g. to check a stored pair (in constant
+    /// time: the verifier is a secret).
     pub fn matches(&self) -> bool {
-        s256_challenge(self.verifier.expose_secret()) == self.challenge
+        crate::crypto::secrets_equal(
+            s256_challenge(self.verifier.expose_secret()).as_bytes(),
+            self.challenge.as_bytes(),
+        )
     }
 }
 
@@ -97,6 +101,23 @@ mod tests {
             assert!(verifiers.insert(verifier.to_owned()));
             assert!(challenges.insert(pkce.challenge.clone()));
         }
+    }
+
+    #[test]
+    fn matches_refuses_a_pair_that_does_not_belong_together() {
+        let pkce = Pkce::generate();
+        assert!(pkce.matches());
+        let other = Pkce::generate();
+        let mixed = Pkce {
+            verifier: pkce.verifier.clone(),
+            challenge: other.challenge,
+        };
+        assert!(!mixed.matches());
+        let truncated = Pkce {
+            verifier: pkce.verifier.clone(),
+            challenge: pkce.challenge[..42].to_owned(),
+        };
+        assert!(!truncated.matches());
     }
 
     #[test]

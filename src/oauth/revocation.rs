@@ -65,11 +65,13 @@ pub async fn revoke(
         body: endpoint.body,
         headers: &endpoint.headers,
     };
+    let secrets = transport::request_secrets(client, &params, &["token"]);
     let reply = transport::send(transport::client_post(http, &target, client, &params)).await?;
-    outcome(&reply)
+    outcome(&reply, &secrets)
 }
 
-fn outcome(reply: &Reply) -> Result<RevocationOutcome, TokenError> {
+/// `secrets`: the request's secret values, removed from any error text the provider sent.
+fn outcome(reply: &Reply, secrets: &[String]) -> Result<RevocationOutcome, TokenError> {
     match reply.status {
         200..=299 => Ok(RevocationOutcome::Revoked),
         503 => Ok(RevocationOutcome::RetryLater(
@@ -86,7 +88,13 @@ fn outcome(reply: &Reply) -> Result<RevocationOutcome, TokenError> {
             if status == 400 && error == "invalid_token" {
                 return Ok(RevocationOutcome::Revoked);
             }
-            Err(TokenError::provider(error, description, Vec::new(), status))
+            Err(TokenError::provider_redacting(
+                error,
+                description,
+                Vec::new(),
+                status,
+                secrets,
+            ))
         }
     }
 }
@@ -139,6 +147,32 @@ mod tests {
             None,
         )
         .await
+    }
+
+    #[tokio::test]
+    async fn a_refusal_never_repeats_the_token_or_the_client_secret() {
+        let body = r#"{"error":"invalid_request","error_description":"bad token tok-echoed-value for secret-456"}"#;
+        let server = FakeServer::start(vec![Scripted::json(400, body)]).await;
+        let target = endpoint(&server, ClientAuth::ClientSecretPost, BodyFormat::Form);
+        let token = SecretString::from("tok-echoed-value");
+        let err = revoke(
+            &http_client().unwrap(),
+            &target,
+            &credentials(),
+            &token,
+            None,
+        )
+        .await
+        .unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(
+            !shown.contains("tok-echoed-value") && !shown.contains("secret-456"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("bad token [redacted] for [redacted]"),
+            "{shown}"
+        );
     }
 
     #[tokio::test]

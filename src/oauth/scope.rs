@@ -160,6 +160,21 @@ mod tests {
             prop_assert!(difference(&parsed, &parsed).is_empty());
         }
 
+        /// Every parsed scope is a non-empty token with no whitespace and no separator in it,
+        /// and every such token of the input is kept.
+        #[test]
+        fn parsed_scopes_are_clean_tokens(raw in ".{0,80}", separator in prop_oneof![Just(" "), Just(","), Just("+"), Just(""), Just("::")]) {
+            let parsed = parse_scopes(&raw, separator);
+            for scope in &parsed {
+                prop_assert!(!scope.is_empty());
+                prop_assert!(!scope.chars().any(char::is_whitespace), "{:?}", scope);
+                if !separator.is_empty() {
+                    prop_assert!(!scope.contains(separator), "{:?}", scope);
+                }
+                prop_assert!(raw.contains(scope.as_str()));
+            }
+        }
+
         #[test]
         fn union_and_difference_laws(
             a in proptest::collection::vec(scope_token(true), 0..6),

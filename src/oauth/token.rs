@@ -222,9 +222,22 @@ impl TokenError {
         error_codes: Vec<i64>,
         status: u16,
     ) -> Self {
+        Self::provider_redacting(error, description, error_codes, status, &[])
+    }
+
+    /// [`TokenError::provider`], with every value of `secrets` removed from the provider's
+    /// text first (before it is bounded, so no prefix of a secret survives either).
+    pub fn provider_redacting(
+        error: String,
+        description: Option<String>,
+        error_codes: Vec<i64>,
+        status: u16,
+        secrets: &[String],
+    ) -> Self {
         Self::Provider {
-            error: sanitize(&error, MAX_ERROR_CODE_CHARS),
-            description: description.map(|text| sanitize(&text, MAX_DESCRIPTION_CHARS)),
+            error: sanitize(&redact(&error, secrets), MAX_ERROR_CODE_CHARS),
+            description: description
+                .map(|text| sanitize(&redact(&text, secrets), MAX_DESCRIPTION_CHARS)),
             error_codes,
             status,
         }
@@ -274,6 +287,20 @@ fn classify(error: &str, error_codes: &[i64]) -> FailureClass {
     }
 }
 
+/// Replaces every occurrence of each secret in `text` with `[redacted]`.
+pub fn redact(text: &str, secrets: &[String]) -> String {
+    let mut clean = text.to_owned();
+    // Longest first, so a secret containing another is removed whole.
+    let mut secrets: Vec<&String> = secrets.iter().filter(|secret| !secret.is_empty()).collect();
+    secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
+    for secret in secrets {
+        if clean.contains(secret.as_str()) {
+            clean = clean.replace(secret.as_str(), "[redacted]");
+        }
+    }
+    clean
+}
+
 /// Replaces control characters (log injection) and truncates to `max` characters.
 fn sanitize(text: &str, max: usize) -> String {
     let mut clean: String = text
@@ -300,13 +327,17 @@ pub async fn request_token(
         body: endpoint.body,
         headers: &endpoint.headers,
     };
-    let request = transport::client_post(http, &target, client, &grant.params());
+    let params = grant.params();
+    let secrets =
+        transport::request_secrets(client, &params, &["code", "code_verifier", "refresh_token"]);
+    let request = transport::client_post(http, &target, client, &params);
     let reply = transport::send(request).await?;
-    parse_token_response(
+    parse_token_response_redacting(
         reply.status,
         reply.content_type.as_deref(),
         reply.retry_after.as_deref(),
         &reply.body,
+        &secrets,
     )
 }
 
@@ -317,8 +348,23 @@ pub fn parse_token_response(
     retry_after: Option<&str>,
     body: &[u8],
 ) -> Result<TokenResponse, TokenError> {
+    parse_token_response_redacting(status, content_type, retry_after, body, &[])
+}
+
+/// [`parse_token_response`], removing `secrets` (the request's secret values) from any error
+/// text the provider sent.
+pub fn parse_token_response_redacting(
+    status: u16,
+    content_type: Option<&str>,
+    retry_after: Option<&str>,
+    body: &[u8],
+    secrets: &[String],
+) -> Result<TokenResponse, TokenError> {
     let document = decode_body(content_type, body);
-    if let Some(error) = document.as_ref().and_then(|doc| oauth_error(doc, status)) {
+    if let Some(error) = document
+        .as_ref()
+        .and_then(|doc| oauth_error(doc, status, secrets))
+    {
         return Err(error);
     }
     match status {
@@ -365,7 +411,11 @@ fn decode_body(content_type: Option<&str>, body: &[u8]) -> Option<Map<String, Va
 
 /// An OAuth error in the body, whatever the status (F6). Slack's `{"ok":false}` without an
 /// `error` member still counts as a failure.
-fn oauth_error(document: &Map<String, Value>, status: u16) -> Option<TokenError> {
+fn oauth_error(
+    document: &Map<String, Value>,
+    status: u16,
+    secrets: &[String],
+) -> Option<TokenError> {
     let code = error_code(document)?;
     let description = document
         .get("error_description")
@@ -382,7 +432,13 @@ fn oauth_error(document: &Map<String, Value>, status: u16) -> Option<TokenError>
         .and_then(Value::as_array)
         .map(|codes| codes.iter().filter_map(Value::as_i64).collect())
         .unwrap_or_default();
-    Some(TokenError::provider(code, description, error_codes, status))
+    Some(TokenError::provider_redacting(
+        code,
+        description,
+        error_codes,
+        status,
+        secrets,
+    ))
 }
 
 /// The `error` member as text, if the document reports a failure at all.

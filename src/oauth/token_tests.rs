@@ -734,3 +734,226 @@ async fn invalid_configured_header_is_not_transient() {
     assert_eq!(err.class(), FailureClass::Other, "{err:?}");
     assert!(server.requests().is_empty());
 }
+
+// ---- secrets repeated by the provider -----------------------------------------------------
+
+#[tokio::test]
+async fn provider_errors_never_repeat_the_secrets_of_the_request() {
+    // Some servers repeat what they refuse ("Invalid authorization code: …"); that text ends up
+    // in logs, `last_error` and API responses, so the request's secrets are cut out of it.
+    let echo = "Invalid code code-abc (verifier dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk) \
+                from client-123:s3cr3t%3Awith%2Fodd%7Echars / s3cr3t:with/odd~chars \
+                Basic Y2xpZW50LTEyMzpzM2NyM3QlM0F3aXRoJTJGb2RkJTdFY2hhcnM=";
+    let body = serde_json::json!({"error": "invalid_grant: code-abc", "error_description": echo});
+    for auth in [ClientAuth::ClientSecretBasic, ClientAuth::ClientSecretPost] {
+        let server = FakeServer::start(vec![Scripted::json(400, &body.to_string())]).await;
+        let verifier = SecretString::from("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk");
+        let grant = TokenGrant::AuthorizationCode {
+            code: "code-abc",
+            redirect_uri: "https://vault.example/callback/google",
+            code_verifier: Some(&verifier),
+        };
+        let target = endpoint(&server, auth, BodyFormat::Form, vec![]);
+        let err = request_token(&http_client().unwrap(), &target, &credentials(), grant)
+            .await
+            .unwrap_err();
+        let shown = format!("{err} {err:?}");
+        for secret in [
+            "code-abc",
+            "dBjftJeZ4CVP",
+            "s3cr3t",
+            "Y2xpZW50LTEyMzpzM2NyM3QlM0F3aXRoJTJGb2RkJTdFY2hhcnM",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("Invalid code [redacted] (verifier [redacted])"),
+            "{shown}"
+        );
+    }
+
+    // A refresh token repeated near the end of a long description is cut out before the text
+    // is bounded, so not even a prefix of it survives.
+    let refresh = SecretString::from("1//0gLongRefreshTokenValue-abcdefghijklmnopqrstuvwxyz");
+    let description = format!(
+        "{}Invalid refresh token: {}",
+        "x".repeat(280),
+        refresh.expose_secret()
+    );
+    let body = serde_json::json!({"error": "invalid_grant", "error_description": description});
+    let server = FakeServer::start(vec![Scripted::json(400, &body.to_string())]).await;
+    let target = endpoint(
+        &server,
+        ClientAuth::ClientSecretPost,
+        BodyFormat::Form,
+        vec![],
+    );
+    let grant = TokenGrant::RefreshToken {
+        refresh_token: &refresh,
+    };
+    let err = request_token(&http_client().unwrap(), &target, &credentials(), grant)
+        .await
+        .unwrap_err();
+    assert!(!format!("{err:?}").contains("1//0gLong"), "{err:?}");
+}
+
+#[test]
+fn redact_removes_every_secret_longest_first() {
+    let secrets = vec!["abc".to_owned(), "abcdef".to_owned(), String::new()];
+    assert_eq!(
+        redact("x abcdef y abc z", &secrets),
+        "x [redacted] y [redacted] z"
+    );
+    assert_eq!(redact("nothing here", &secrets), "nothing here");
+}
+
+proptest! {
+    #[test]
+    fn redacted_text_holds_no_secret(
+        text in ".{0,200}",
+        secrets in proptest::collection::vec("[A-Za-z0-9._~/+=-]{8,40}", 1..4),
+        positions in proptest::collection::vec(0usize..200, 1..4),
+    ) {
+        // Secrets planted anywhere in arbitrary text, then redacted.
+        let mut planted = text.clone();
+        for (secret, position) in secrets.iter().zip(&positions) {
+            let at = planted
+                .char_indices()
+                .map(|(index, _)| index)
+                .nth(*position)
+                .unwrap_or(planted.len());
+            planted.insert_str(at, secret);
+        }
+        let clean = redact(&planted, &secrets);
+        for secret in &secrets {
+            prop_assert!(!clean.contains(secret.as_str()), "{} in {}", secret, clean);
+        }
+    }
+}
+
+/// A successful response as a provider might send it: JSON or form-encoded, `expires_in` as a
+/// number or a numeric string, optional members, unknown members.
+#[derive(Debug, Clone)]
+struct Sent {
+    access_token: String,
+    token_type: String,
+    expires_in: Option<(i64, bool)>,
+    refresh_token: Option<String>,
+    scope: Option<String>,
+    extra: Vec<(String, String)>,
+    form: bool,
+}
+
+fn sent_response() -> impl Strategy<Value = Sent> {
+    let token = "[A-Za-z0-9._~+/=-]{1,80}";
+    (
+        token,
+        prop_oneof![Just("Bearer"), Just("bearer"), Just("BEARER")],
+        proptest::option::of((1i64..=MAX_EXPIRES_IN, any::<bool>())),
+        proptest::option::of(token),
+        proptest::option::of("[a-z.:/ ]{0,40}"),
+        proptest::collection::vec(("x_[a-z]{1,8}", "[ -~]{0,20}"), 0..3),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(access_token, token_type, expires_in, refresh_token, scope, extra, form)| Sent {
+                access_token,
+                token_type: token_type.to_owned(),
+                expires_in,
+                refresh_token,
+                scope,
+                extra,
+                form,
+            },
+        )
+}
+
+fn encode(sent: &Sent) -> (Option<&'static str>, Vec<u8>) {
+    let mut pairs: Vec<(String, serde_json::Value)> = vec![
+        ("access_token".into(), sent.access_token.clone().into()),
+        ("token_type".into(), sent.token_type.clone().into()),
+    ];
+    if let Some((seconds, quoted)) = sent.expires_in {
+        let value = if quoted || sent.form {
+            serde_json::Value::String(seconds.to_string())
+        } else {
+            seconds.into()
+        };
+        pairs.push(("expires_in".into(), value));
+    }
+    if let Some(refresh) = &sent.refresh_token {
+        pairs.push(("refresh_token".into(), refresh.clone().into()));
+    }
+    if let Some(scope) = &sent.scope {
+        pairs.push(("scope".into(), scope.clone().into()));
+    }
+    for (name, value) in &sent.extra {
+        pairs.push((name.clone(), value.clone().into()));
+    }
+    if sent.form {
+        let mut form = url::form_urlencoded::Serializer::new(String::new());
+        for (name, value) in &pairs {
+            form.append_pair(name, value.as_str().unwrap_or_default());
+        }
+        (
+            Some("application/x-www-form-urlencoded"),
+            form.finish().into_bytes(),
+        )
+    } else {
+        let object: serde_json::Map<String, serde_json::Value> = pairs.into_iter().collect();
+        (
+            JSON,
+            serde_json::Value::Object(object).to_string().into_bytes(),
+        )
+    }
+}
+
+proptest! {
+    /// Whatever shape a valid response takes, it parses back to what was sent.
+    #[test]
+    fn valid_responses_parse_back_to_what_was_sent(sent in sent_response(), status in 200u16..300) {
+        let (content_type, body) = encode(&sent);
+        let parsed = parse_token_response(status, content_type, None, &body)
+            .map_err(|err| TestCaseError::fail(format!("{err:?}")))?;
+        prop_assert_eq!(parsed.access_token.expose_secret(), sent.access_token.as_str());
+        prop_assert_eq!(&parsed.token_type, &sent.token_type);
+        prop_assert_eq!(parsed.expires_in, sent.expires_in.map(|(seconds, _)| seconds));
+        prop_assert_eq!(secret(&parsed.refresh_token), sent.refresh_token.as_deref());
+        prop_assert_eq!(parsed.scope.as_deref(), sent.scope.as_deref());
+        for (name, value) in &sent.extra {
+            prop_assert_eq!(parsed.extra.get(name).and_then(|v| v.as_str()), Some(value.as_str()));
+        }
+    }
+
+    /// An `error` member means failure at any status, in JSON or form encoding (F6), and its
+    /// text is bounded.
+    #[test]
+    fn an_error_member_is_a_failure_at_any_status(
+        status in 100u16..600,
+        error in "[a-z_]{1,30}",
+        description in proptest::option::of(".{0,600}"),
+        form in any::<bool>(),
+    ) {
+        let (content_type, body) = if form {
+            let mut encoded = url::form_urlencoded::Serializer::new(String::new());
+            encoded.append_pair("error", &error);
+            if let Some(description) = &description {
+                encoded.append_pair("error_description", description);
+            }
+            (Some("application/x-www-form-urlencoded"), encoded.finish().into_bytes())
+        } else {
+            let body = serde_json::json!({"error": error, "error_description": description});
+            (JSON, body.to_string().into_bytes())
+        };
+        match parse_token_response(status, content_type, None, &body) {
+            Err(TokenError::Provider { error: got, description: shown, .. }) => {
+                prop_assert_eq!(got, error);
+                if let Some(shown) = shown {
+                    prop_assert!(shown.chars().count() <= MAX_DESCRIPTION_CHARS + 1);
+                    prop_assert!(!shown.chars().any(char::is_control));
+                }
+            }
+            other => prop_assert!(false, "expected a provider error, got {:?}", other),
+        }
+    }
+}

@@ -81,6 +81,38 @@ pub(crate) fn client_post(
     }
 }
 
+/// The secret values a client-authenticated POST carries, in every form they take on the wire
+/// (as given, form-encoded, and the HTTP Basic credentials): the client secret, plus the values
+/// of `secret_params`. Whatever the provider answers is cleaned of them
+/// ([`super::token::redact`]), because some servers repeat the value they refuse ("Invalid
+/// refresh token: …") and that text reaches logs, the database and API responses.
+pub(crate) fn request_secrets(
+    client: &ClientCredentials,
+    params: &[(&str, &str)],
+    secret_params: &[&str],
+) -> zeroize::Zeroizing<Vec<String>> {
+    let mut secrets = vec![client.client_secret.expose_secret().to_owned()];
+    if let Some(credentials) = basic_authorization(client)
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Basic "))
+    {
+        secrets.push(credentials.to_owned());
+    }
+    secrets.extend(
+        params
+            .iter()
+            .filter(|(name, _)| secret_params.contains(name))
+            .map(|(_, value)| (*value).to_owned()),
+    );
+    let encoded: Vec<String> = secrets
+        .iter()
+        .map(|secret| form_urlencoded::byte_serialize(secret.as_bytes()).collect())
+        .collect();
+    secrets.extend(encoded);
+    zeroize::Zeroizing::new(secrets)
+}
+
 /// RFC 6749 §2.3.1: id and secret are form-urlencoded *before* base64, so a secret containing
 /// `:` or non-ASCII characters survives the `id:secret` split on the server.
 fn basic_authorization(client: &ClientCredentials) -> reqwest::header::HeaderValue {

@@ -100,12 +100,39 @@ pub fn load(path: &Path, env: &Env<'_>) -> Result<Vec<DeclaredProvider>, ConfigE
 }
 
 pub fn parse(text: &str, env: &Env<'_>) -> Result<Vec<DeclaredProvider>, ConfigError> {
-    let file: ProvidersFile =
-        toml::from_str(text).map_err(|err| ConfigError::invalid(VAR, err.to_string()))?;
+    let file: ProvidersFile = toml::from_str(text).map_err(|err| toml_error(text, &err))?;
     file.providers
         .into_iter()
         .map(|(name, raw)| validate(text, name, raw, env))
         .collect()
+}
+
+/// The parser's error as "line L, column C: message", without the excerpt of the file its
+/// `Display` quotes: that line may hold a client secret (a repeated key, a typo next to it). On
+/// a line naming `client_secret`, the message itself is replaced too, since messages such as
+/// "invalid type: integer `…`" quote the value.
+fn toml_error(text: &str, err: &toml::de::Error) -> ConfigError {
+    let Some(span) = err.span() else {
+        return ConfigError::invalid(VAR, "not a valid TOML document");
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(1, |start| start.chars().count() + 1);
+    let line_text = text.lines().nth(line - 1).unwrap_or_default();
+    let names_secret = line_text
+        .match_indices("client_secret")
+        .any(|(at, _)| !line_text[at..].starts_with("client_secret_env"));
+    let message = if names_secret {
+        "this line, which sets a client_secret, is not valid (its text is not shown: it may hold \
+         the secret); client_secret must be a string, given once"
+            .to_owned()
+    } else {
+        err.message().trim().to_owned()
+    };
+    ConfigError::invalid(VAR, format!("line {line}, column {column}: {message}"))
 }
 
 fn validate(
@@ -443,7 +470,109 @@ features = ["calendar.read"]
         assert!(oidc[0].needs_discovery());
     }
 
+    #[test]
+    fn errors_never_quote_a_client_secret() {
+        let secret = "sup3r-s3cret-value-0123456789";
+        for text in [
+            // A repeated key: the parser's message would quote the line.
+            format!(
+                "[providers.acme]\nclient_secret = \"{secret}\"\nclient_secret = \"{secret}\"\n"
+            ),
+            // A syntax error on the secret's line.
+            format!("[providers.acme]\nclient_secret = \"{secret}\" x\n"),
+            // A secret that is not a string.
+            "[providers.acme]\nclient_secret = 123456789012345\n".to_owned(),
+            // A bad value elsewhere, next to the secret.
+            format!("[providers.acme]\nclient_secret = \"{secret}\"\npkce = \"maybe\"\n"),
+            // A secret in an inline table.
+            format!("providers = {{ acme = {{ client_secret = \"{secret}\", pkce = 3 }} }}\n"),
+        ] {
+            let message = reason(parse_with(&text, &[]));
+            assert!(
+                !message.contains(secret) && !message.contains("123456789012345"),
+                "{message}"
+            );
+            assert!(message.contains("line "), "names the line: {message}");
+        }
+    }
+
+    /// A TOML document of the file's shape with arbitrary members and values.
+    fn declaration() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            Just("display_name"),
+            Just("authorization_url"),
+            Just("token_url"),
+            Just("revocation_url"),
+            Just("userinfo_url"),
+            Just("jwks_url"),
+            Just("issuer"),
+            Just("client_id"),
+            Just("client_id_env"),
+            Just("client_secret"),
+            Just("token_auth_method"),
+            Just("token_request_format"),
+            Just("scopes"),
+            Just("scope_separator"),
+            Just("pkce"),
+            Just("authorization_params"),
+            Just("refresh_token_rotation"),
+            Just("unknown_field"),
+        ];
+        let value = prop_oneof![
+            "[ -~]{0,40}".prop_map(|text| format!("{text:?}")),
+            Just("\"https://id.acme.test/x\"".to_owned()),
+            Just("\"http://127.0.0.1:9/x\"".to_owned()),
+            Just("\"client_secret_post\"".to_owned()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            proptest::collection::vec("[a-z.]{0,10}", 0..3).prop_map(|items| format!("{items:?}")),
+            "[a-z]{1,8}".prop_map(|key| format!("{{ {key} = \"v\" }}")),
+        ];
+        let name = prop_oneof![
+            Just("acme".to_owned()),
+            Just("google".to_owned()),
+            "[a-zA-Z0-9 _-]{0,40}"
+        ];
+        (name, proptest::collection::vec((key, value), 0..8)).prop_map(|(name, members)| {
+            let mut text = format!("[providers.{name:?}]\n");
+            for (key, value) in members {
+                text.push_str(&format!("{key} = {value}\n"));
+            }
+            text
+        })
+    }
+
     proptest! {
+        /// Documents of the right shape with arbitrary values: parsed or refused naming the
+        /// variable, never a panic, and a refusal never quotes the client secret.
+        #[test]
+        fn arbitrary_declarations_never_panic(text in declaration()) {
+            match parse_with(&text, &[]) {
+                Ok(declared) => {
+                    for provider in &declared {
+                        let _ = provider.new_definition();
+                        let _ = provider.needs_discovery();
+                    }
+                }
+                Err(ConfigError::Invalid { var, reason }) => {
+                    prop_assert_eq!(var, VAR);
+                    for line in text.lines().filter(|line| line.starts_with("client_secret = ")) {
+                        let value = line.trim_start_matches("client_secret = ").trim_matches('"');
+                        // (A value also given to another field may be quoted for that one.)
+                        let elsewhere = text
+                            .lines()
+                            .any(|other| !other.starts_with("client_secret") && other.contains(value));
+                        // (Nor is a value that the message names anyway: an enum variant.)
+                        let variant = ["client_secret_post", "client_secret_basic"].contains(&value);
+                        if value.len() >= 8 && !elsewhere && !variant {
+                            prop_assert!(!reason.contains(value), "{}", reason);
+                        }
+                    }
+                }
+                Err(other) => prop_assert!(false, "unexpected {:?}", other),
+            }
+        }
+
         #[test]
         fn arbitrary_text_never_panics(text in ".{0,400}") {
             let _ = parse_with(&text, &[]);

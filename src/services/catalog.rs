@@ -161,6 +161,10 @@ pub async fn integration_features(
 }
 
 /// An admin adds or changes a catalog entry.
+/// Bounds of a catalog entry's features (names such as `calendar.read`).
+const MAX_FEATURES: usize = 32;
+const MAX_FEATURE_CHARS: usize = 64;
+
 pub async fn put_entry(
     ctx: &Context,
     actor: &Actor<Administer>,
@@ -173,17 +177,36 @@ pub async fn put_entry(
     }
     if entry.scope.trim().is_empty()
         || entry.scope.len() > 512
-        || entry.scope.chars().any(char::is_whitespace)
+        || entry
+            .scope
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
     {
         return Err(ServiceError::invalid(
             "invalid_scope",
-            "a scope is 1-512 characters without spaces",
+            "a scope is 1-512 characters without spaces or control characters",
         ));
     }
-    if entry.description.trim().is_empty() || entry.description.len() > 1000 {
+    if entry.description.trim().is_empty()
+        || entry.description.len() > 1000
+        || entry.description.chars().any(char::is_control)
+    {
         return Err(ServiceError::invalid(
             "invalid_description",
-            "a description is 1-1000 characters",
+            "a description is 1-1000 characters without control characters",
+        ));
+    }
+    let plain_feature = |feature: &String| {
+        (1..=MAX_FEATURE_CHARS).contains(&feature.len())
+            && feature.chars().all(|c| c.is_ascii_graphic())
+    };
+    if entry.features.len() > MAX_FEATURES || !entry.features.iter().all(plain_feature) {
+        return Err(ServiceError::invalid(
+            "invalid_feature",
+            format!(
+                "at most {MAX_FEATURES} features, each 1-{MAX_FEATURE_CHARS} printable ASCII \
+                 characters without spaces"
+            ),
         ));
     }
     let now = ctx.clock.now();

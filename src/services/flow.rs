@@ -176,6 +176,8 @@ fn configured_provider<'a>(ctx: &'a Context, name: &str) -> ServiceResult<&'a Pr
     Ok(provider)
 }
 
+const MAX_RETURN_TO_BYTES: usize = 2048;
+
 /// `return_to` must share the origin of an allowed URL and extend its path at a segment
 /// boundary, so the service is never an open redirector (RFC 9700 §4.11).
 pub fn check_return_to(allowed: &[Url], candidate: &str) -> ServiceResult<Url> {
@@ -185,6 +187,14 @@ pub fn check_return_to(allowed: &[Url], candidate: &str) -> ServiceResult<Url> {
             "return_to is not under any URL in OAUTH_ALLOWED_RETURN_URLS",
         )
     };
+    // The result is appended and the URL becomes a `Location` header: keep it well within
+    // what browsers and proxies take.
+    if candidate.len() > MAX_RETURN_TO_BYTES {
+        return Err(ServiceError::invalid(
+            "return_to_not_allowed",
+            format!("return_to is longer than {MAX_RETURN_TO_BYTES} bytes"),
+        ));
+    }
     let url = Url::parse(candidate).map_err(|_| rejected())?;
     if !url.username().is_empty() || url.password().is_some() {
         return Err(rejected());

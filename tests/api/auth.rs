@@ -405,3 +405,74 @@ async fn roles_come_from_the_configured_claim_path() {
         403
     );
 }
+
+/// Keys or key locations the token names itself (`jwk`, `jku`, `x5u`) are never used, and an
+/// odd `kid` is just an unknown key; `alg: none` and HS256 keyed with a public key fail against
+/// JWKS keys as against a static one.
+#[tokio::test]
+async fn keys_named_by_the_token_itself_are_never_trusted() {
+    use jsonwebtoken::jwk::Jwk;
+    let (app, _, hits) = jwks_app(JWKS).await;
+    let (attacker_jwks, attacker_hits) = serve_jwks(Arc::new(RwLock::new(JWKS.to_owned()))).await;
+    let now = app.clock.now();
+    let attacker_key = EncodingKey::from_ec_pem(EC_OTHER_PRIVATE.as_bytes()).expect("key");
+    let forged = |kid: Option<&str>, embed: bool| {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = kid.map(str::to_owned);
+        header.jku = Some(attacker_jwks.clone());
+        header.x5u = Some(attacker_jwks.clone());
+        if embed {
+            header.jwk =
+                Some(Jwk::from_encoding_key(&attacker_key, Algorithm::ES256).expect("jwk"));
+        }
+        encode(&header, &claims("alice", &["admin"], now), &attacker_key).expect("sign")
+    };
+    for (kid, embed) in [
+        (Some("ec-1"), true),
+        (Some("ec-1"), false),
+        (None, true),
+        (Some("../../../../etc/passwd"), true),
+        (Some(&"k".repeat(5000)), false),
+    ] {
+        let response = app.get(PROVIDERS, &forged(kid, embed)).await;
+        assert_unauthorized(response, "invalid_token").await;
+    }
+    assert_eq!(
+        attacker_hits.load(Ordering::SeqCst),
+        0,
+        "a URL named by the token is never fetched"
+    );
+    assert!(hits.load(Ordering::SeqCst) >= 1, "the configured JWKS is");
+
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let body = URL_SAFE_NO_PAD.encode(claims("alice", &["admin"], now).to_string());
+    for header in [
+        json!({"alg": "none", "kid": "rsa-1"}),
+        json!({"alg": "none"}),
+        json!({"alg": "RS256", "kid": "rsa-1"}),
+    ] {
+        let header = URL_SAFE_NO_PAD.encode(header.to_string());
+        for token in [format!("{header}.{body}."), format!("{header}.{body}.AAAA")] {
+            assert_unauthorized(app.get(PROVIDERS, &token).await, "invalid_token").await;
+        }
+    }
+    let static_rsa = spawn_app_with(&[
+        ("OAUTH_JWT_SECRET", ""),
+        ("OAUTH_JWT_PUBLIC_KEY", RSA_PUBLIC),
+    ])
+    .await;
+    let none = format!(
+        "{}.{body}.",
+        URL_SAFE_NO_PAD.encode(json!({"alg": "none", "typ": "JWT"}).to_string())
+    );
+    assert_unauthorized(static_rsa.get(PROVIDERS, &none).await, "invalid_token").await;
+    // An RS256 token for a service configured with an HS256 secret.
+    let rs = sign_pem(
+        &claims("alice", &["admin"], now),
+        Algorithm::RS256,
+        RSA_PRIVATE,
+        None,
+    );
+    assert_unauthorized(spawn_app().await.get(PROVIDERS, &rs).await, "invalid_token").await;
+}

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -13,9 +13,11 @@ use uuid::Uuid;
 
 use crate::auth::rbac::WriteIntegrations;
 use crate::http::error::ApiError;
-use crate::http::extract::{ApiPath, Authorized, ClientInfo};
+use crate::http::extract::{ApiPath, Authorized, ClientInfo, OptionalJson};
 use crate::http::AppState;
-use crate::services::flow::{self, AuthorizeRequest, CallbackOutcome, CallbackParams};
+use crate::services::flow::{
+    self, AuthorizeRequest, CallbackError, CallbackOutcome, CallbackParams,
+};
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -62,15 +64,9 @@ pub async fn authorize(
     Authorized(actor): Authorized<WriteIntegrations>,
     ApiPath(provider): ApiPath<String>,
     ClientInfo(client): ClientInfo,
-    body: axum::body::Bytes,
-) -> Result<Json<AuthorizeResponse>, ApiError> {
     // Every field is optional, so an empty body is an empty request.
-    let body: AuthorizeBody = if body.iter().all(u8::is_ascii_whitespace) {
-        AuthorizeBody::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|err| ApiError::bad_request("invalid_body", err.to_string()))?
-    };
+    OptionalJson(body): OptionalJson<AuthorizeBody>,
+) -> Result<Json<AuthorizeResponse>, ApiError> {
     let request = AuthorizeRequest {
         scopes: body.scopes,
         features: body.features,
@@ -130,25 +126,26 @@ impl From<&CallbackOutcome> for CallbackResult {
     ),
     responses(
         (status = 303, description = "Redirect to return_to with the result in the query"),
-        (status = 200, description = "Success (JSON or HTML page)", body = CallbackResult),
-        (status = 400, description = "Failure (JSON or HTML page)", body = CallbackResult),
+        (status = 200, description = "Success: JSON with `Accept: application/json`, else an HTML page posting the result to `window.opener`",
+            content((CallbackResult = "application/json"), (String = "text/html"))),
+        (status = 400, description = "Failure (JSON or HTML page, as for 200; a malformed path is a problem)",
+            content((CallbackResult = "application/json"), (String = "text/html"))),
     ))]
 pub async fn callback(
     State(state): State<AppState>,
     ApiPath(provider): ApiPath<String>,
     ClientInfo(client): ClientInfo,
-    Query(query): Query<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let take = |name: &str| query.get(name).cloned();
-    let params = CallbackParams {
-        code: take("code"),
-        state: take("state"),
-        error: take("error"),
-        error_description: take("error_description"),
-        iss: take("iss"),
+    let outcome = match parse_callback_query(query.as_deref()) {
+        Ok(params) => flow::complete(&state.services, &provider, params, &client).await,
+        Err(err) => CallbackOutcome {
+            provider,
+            return_to: None,
+            result: Err(err),
+        },
     };
-    let outcome = flow::complete(&state.services, &provider, params, &client).await;
     let result = CallbackResult::from(&outcome);
     let mut response = match &outcome.return_to {
         Some(return_to) => redirect(return_to, &result),
@@ -163,6 +160,41 @@ pub async fn callback(
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// The parameters of the provider's redirect that the flow reads; any others (Google's
+/// `authuser`, Microsoft's `session_state`, ...) are ignored. A parameter given twice, or a value
+/// holding a NUL character, is refused as `invalid_request` before anything is looked up: RFC
+/// 6749 §3.1 forbids repeated parameters, and which of two `state`s or `code`s was meant must
+/// not be guessed.
+pub fn parse_callback_query(query: Option<&str>) -> Result<CallbackParams, CallbackError> {
+    const READ: [&str; 5] = ["code", "state", "error", "error_description", "iss"];
+    let refuse = |description: String| CallbackError {
+        code: "invalid_request",
+        description,
+    };
+    let mut found: HashMap<&'static str, String> = HashMap::new();
+    for (name, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let Some(name) = READ.iter().copied().find(|known| *known == name) else {
+            continue;
+        };
+        if value.contains('\0') {
+            return Err(refuse(format!(
+                "the {name} parameter holds a NUL character"
+            )));
+        }
+        if found.insert(name, value.into_owned()).is_some() {
+            return Err(refuse(format!("the {name} parameter is repeated")));
+        }
+    }
+    let mut take = |name: &str| found.remove(name);
+    Ok(CallbackParams {
+        code: take("code"),
+        state: take("state"),
+        error: take("error"),
+        error_description: take("error_description"),
+        iss: take("iss"),
+    })
 }
 
 fn status_of(result: &CallbackResult) -> StatusCode {
@@ -279,6 +311,91 @@ fn script_json(value: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn callback_query_reads_the_five_parameters_and_ignores_the_rest() {
+        let params = parse_callback_query(Some(
+            "code=4%2F0abc&state=s+1&iss=https%3A%2F%2Fid.test&authuser=0&prompt=consent&scope=a+b",
+        ))
+        .expect("parses");
+        assert_eq!(params.code.as_deref(), Some("4/0abc"));
+        assert_eq!(params.state.as_deref(), Some("s 1"));
+        assert_eq!(params.iss.as_deref(), Some("https://id.test"));
+        assert_eq!(params.error, None);
+        let denied = parse_callback_query(Some(
+            "error=access_denied&error_description=The+user+said+no&state=s&error_subcode=cancel",
+        ))
+        .expect("parses");
+        assert_eq!(denied.error.as_deref(), Some("access_denied"));
+        assert_eq!(
+            denied.error_description.as_deref(),
+            Some("The user said no")
+        );
+        let empty = parse_callback_query(None).expect("parses");
+        assert!(empty.code.is_none() && empty.state.is_none());
+        // Repeating an ignored parameter is no concern of ours.
+        assert!(parse_callback_query(Some("authuser=0&authuser=1&state=s")).is_ok());
+    }
+
+    #[test]
+    fn callback_query_refuses_repeated_parameters_and_nul() {
+        for query in [
+            "state=a&state=b",
+            "code=a&state=s&code=b",
+            "state=s&iss=x&iss=x",
+            "error=a&error=a",
+            "state=a%00b",
+            "code=%00",
+            "state=s&error_description=x%00",
+        ] {
+            let err = parse_callback_query(Some(query)).expect_err(query);
+            assert_eq!(err.code, "invalid_request", "{query}");
+        }
+    }
+
+    proptest! {
+        /// Any query string parses or is refused as `invalid_request`; never a panic, and a
+        /// parsed value is exactly what the query carried.
+        #[test]
+        fn arbitrary_callback_queries_never_panic(query in ".{0,200}") {
+            match parse_callback_query(Some(&query)) {
+                Ok(params) => {
+                    for value in [&params.code, &params.state, &params.error, &params.error_description, &params.iss]
+                        .into_iter()
+                        .flatten()
+                    {
+                        prop_assert!(!value.contains('\0'));
+                    }
+                }
+                Err(err) => prop_assert_eq!(err.code, "invalid_request"),
+            }
+        }
+
+        /// Well-formed callbacks, parameters in any order among unknown ones, round-trip.
+        #[test]
+        fn encoded_parameters_round_trip(
+            code in ".{1,40}",
+            state in "[A-Za-z0-9_-]{1,64}",
+            extra in proptest::collection::vec(("[a-z_]{1,10}", ".{0,20}"), 0..4),
+        ) {
+            let known = ["code", "state", "error", "error_description", "iss"];
+            let mut query = url::form_urlencoded::Serializer::new(String::new());
+            for (name, value) in extra.iter().filter(|(name, _)| !known.contains(&name.as_str())) {
+                query.append_pair(name, value);
+            }
+            query.append_pair("state", &state);
+            query.append_pair("code", &code);
+            let parsed = parse_callback_query(Some(&query.finish()));
+            if code.contains('\0') {
+                prop_assert!(parsed.is_err());
+            } else {
+                let parsed = parsed.expect("parses");
+                prop_assert_eq!(parsed.code.as_deref(), Some(code.as_str()));
+                prop_assert_eq!(parsed.state.as_deref(), Some(state.as_str()));
+            }
+        }
+    }
 
     #[test]
     fn embedded_json_cannot_close_the_script() {

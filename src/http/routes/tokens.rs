@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::auth::rbac::{ReadIntegrations, ReadTokens, WriteIntegrations};
 use crate::http::error::ApiError;
-use crate::http::extract::{ApiPath, Authenticated, Authorized, ClientInfo};
+use crate::http::extract::{ApiPath, Authenticated, Authorized, ClientInfo, OptionalJson};
 use crate::http::AppState;
 use crate::services::disconnect::{self, ProviderRevocation};
 use crate::services::tokens;
@@ -91,14 +91,8 @@ pub async fn refresh(
     Authenticated(principal): Authenticated,
     ApiPath(id): ApiPath<Uuid>,
     ClientInfo(client): ClientInfo,
-    body: axum::body::Bytes,
+    OptionalJson(body): OptionalJson<RefreshBody>,
 ) -> Result<Json<RefreshResponse>, ApiError> {
-    let body: RefreshBody = if body.iter().all(u8::is_ascii_whitespace) {
-        RefreshBody::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|err| ApiError::bad_request("invalid_body", err.to_string()))?
-    };
     let rejected = body.rejected_access_token.map(SecretString::from);
     // Backends holding only tokens:read report rejected tokens; owners and readers may refresh.
     let (integration, fresh) = match principal.authorize::<ReadTokens>() {

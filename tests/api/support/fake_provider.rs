@@ -161,6 +161,10 @@ pub enum Fault {
     /// 200 with a JSON-looking body of this many bytes: with `Content-Length` when
     /// `declared_length`, else chunked (the client only finds out by reading).
     Huge { bytes: usize, declared_length: bool },
+    /// 400 `invalid_grant` whose `error_description` repeats every value of the request's body
+    /// and its `Authorization` credentials (some servers echo the token they refuse:
+    /// "Invalid refresh token: …").
+    EchoSecrets,
 }
 
 /// One request the fake received.
@@ -560,6 +564,52 @@ impl FakeProvider {
         self.shared.lock().faults.clear();
     }
 
+    /// Every secret value this fake issued or was sent, named by kind, for leak tests: access,
+    /// refresh and ID tokens, authorization codes, the PKCE verifiers of code exchanges, every
+    /// client secret, and the credentials of `Authorization` headers it received.
+    pub fn secrets(&self) -> Vec<(&'static str, String)> {
+        let inner = self.shared.lock();
+        let mut secrets = Vec::new();
+        for value in &inner.issued {
+            let kind = match inner.tokens[value].kind {
+                TokenKind::Access => "access token",
+                TokenKind::Refresh => "refresh token",
+            };
+            secrets.push((kind, value.clone()));
+        }
+        secrets.extend(
+            inner
+                .id_tokens
+                .iter()
+                .map(|token| ("ID token", token.clone())),
+        );
+        secrets.extend(
+            inner
+                .codes
+                .keys()
+                .map(|code| ("authorization code", code.clone())),
+        );
+        for request in &inner.requests {
+            if let Some(verifier) = request.form.get("code_verifier") {
+                secrets.push(("PKCE verifier", verifier.clone()));
+            }
+            if let Some((_, credentials)) = request
+                .header("authorization")
+                .and_then(|value| value.split_once(' '))
+            {
+                secrets.push(("Authorization header credentials", credentials.to_owned()));
+            }
+        }
+        secrets.extend(
+            PROVIDERS
+                .iter()
+                .map(|provider| ("client secret", client_secret(provider))),
+        );
+        secrets.sort();
+        secrets.dedup();
+        secrets
+    }
+
     /// The JWKS the fake publishes (same key for every provider).
     pub fn jwks_json(&self) -> &'static str {
         JWKS_JSON
@@ -628,6 +678,8 @@ struct Inner {
     tokens: HashMap<String, Token>,
     /// Token values in issue order.
     issued: Vec<String>,
+    /// ID tokens in issue order.
+    id_tokens: Vec<String>,
     /// Google: (client id, subject) pairs that already hold a grant, so the next code exchange
     /// without `prompt=consent` gets no refresh token (reference §2 Google "Refresh tokens").
     consented: HashSet<(String, String)>,
@@ -827,7 +879,7 @@ async fn handle(
         return response;
     }
     let response = match fault {
-        Some(fault) => apply_fault(Kind::of(&route.provider), fault).await,
+        Some(fault) => apply_fault(Kind::of(&route.provider), fault, &request).await,
         None => None,
     };
     let response = response.unwrap_or_else(|| shared.dispatch(&route, &request));
@@ -841,7 +893,7 @@ fn unsized_body(bytes: impl Into<Bytes>) -> Body {
 }
 
 /// The fault's response, or `None` to carry on with normal handling.
-async fn apply_fault(kind: Kind, fault: Fault) -> Option<Response> {
+async fn apply_fault(kind: Kind, fault: Fault, request: &RecordedRequest) -> Option<Response> {
     Some(match fault {
         Fault::Status(status, body) => {
             let status = StatusCode::from_u16(status).expect("a valid HTTP status");
@@ -875,6 +927,22 @@ async fn apply_fault(kind: Kind, fault: Fault) -> Option<Response> {
             StatusCode::OK,
             json!({"error": "invalid_grant", "error_description": "Token has been expired or revoked."}),
         ),
+        Fault::EchoSecrets => {
+            let mut echoed: Vec<String> = request.form.values().cloned().collect();
+            echoed.extend(
+                request
+                    .header("authorization")
+                    .and_then(|value| value.split_once(' '))
+                    .map(|(_, credentials)| credentials.to_owned()),
+            );
+            json_response(
+                StatusCode::BAD_REQUEST,
+                json!({
+                    "error": "invalid_grant",
+                    "error_description": format!("Invalid request: {}", echoed.join(" ")),
+                }),
+            )
+        }
         Fault::RetryAfter503(seconds) => {
             let mut response = json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -1601,6 +1669,7 @@ impl Shared {
         let grant = &inner.grants[grant_id];
         let id_token = (kind != Kind::Notion && scopes.iter().any(|scope| scope == "openid"))
             .then(|| self.id_token(kind, grant, scopes, nonce.as_deref(), &access_token));
+        inner.id_tokens.extend(id_token.clone());
         let scope = scopes.join(" ");
 
         let mut body = match kind {
