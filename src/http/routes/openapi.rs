@@ -162,6 +162,10 @@ fn complete_operation(operation: &mut Operation, api: bool) {
     }
     if api {
         add(
+            "429",
+            "rate_limited: too many requests from this user or address (with Retry-After)",
+        );
+        add(
             "503",
             "database_unavailable or request_timeout (with Retry-After)",
         );
@@ -242,6 +246,7 @@ mod tests {
                 }
                 if path.starts_with(crate::http::API_PREFIX) {
                     assert!(has("503"), "{name}: 503");
+                    assert!(has("429"), "{name}: 429");
                 }
             }
         }

@@ -68,6 +68,11 @@ pub fn base_env(database_url: &str, key: &KeyMaterial) -> HashMap<String, String
         ),
         // Tests drive the worker explicitly (`worker::tick`), on the manual clock.
         ("OAUTH_BACKGROUND_REFRESH".to_owned(), "false".to_owned()),
+        // Every test's connect flows come from 127.0.0.1; the rate-limit tests set their own.
+        (
+            "OAUTH_RATE_LIMIT_CONNECT_PER_MINUTE".to_owned(),
+            "100000".to_owned(),
+        ),
     ])
 }
 

@@ -54,6 +54,8 @@ pub fn start_server_with(app: &TestApp, extra: &[(&str, &str)]) -> Server {
         .env("OAUTH_PUBLIC_URL", "https://oauth.example.test")
         .env("OAUTH_LISTEN_ADDR", "127.0.0.1:0")
         .env("OAUTH_BACKGROUND_REFRESH", "false")
+        // Load tests drive many connect flows from one address.
+        .env("OAUTH_RATE_LIMIT_CONNECT_PER_MINUTE", "100000")
         .env("OAUTH_REFRESH_LEASE_SECONDS", "9")
         .env("OAUTH_PROVIDER_TIMEOUT_SECONDS", "2")
         .env("OAUTH_LOG_FORMAT", "json");
