@@ -21,14 +21,23 @@ pub struct Flows {
     pub burst_size: usize,
 }
 
-/// One complete flow; returns (authorize time, callback time minus provider time).
-async fn timed_flow(
+/// A completed connect flow and how long the service took for it.
+pub struct TimedFlow {
+    pub id: Uuid,
+    pub authorize: StdDuration,
+    /// The callback's time minus the time the fake provider spent answering it.
+    pub callback_overhead: StdDuration,
+}
+
+/// One complete flow: authorize as `user`, consent at the fake as `subject`, callback.
+pub async fn timed_flow(
     api: &Api,
     fake: &FakeProvider,
     client: &reqwest::Client,
     user: &str,
-) -> anyhow::Result<(StdDuration, StdDuration)> {
-    fake.push_consent(PROVIDER, Consent::user(&format!("{user}-account")));
+    subject: &str,
+) -> anyhow::Result<TimedFlow> {
+    fake.push_consent(PROVIDER, Consent::user(subject));
     let began = Instant::now();
     let response = client
         .post(api.url(&format!("/api/v1/oauth/providers/{PROVIDER}/authorize")))
@@ -59,11 +68,15 @@ async fn timed_flow(
     let status = response.status();
     let body: Value = response.json().await?;
     let callback_time = began.elapsed();
-    if body["integration_id"].as_str().is_none() {
-        bail!("callback answered {status}: {body}");
-    }
+    let id = body["integration_id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("callback answered {status}: {body}"))?;
     let provider_time = fake.handling_time().saturating_sub(provider_before);
-    Ok((authorize, callback_time.saturating_sub(provider_time)))
+    Ok(TimedFlow {
+        id: id.parse()?,
+        authorize,
+        callback_overhead: callback_time.saturating_sub(provider_time),
+    })
 }
 
 pub async fn connect_flows(
@@ -77,9 +90,13 @@ pub async fn connect_flows(
         ..Flows::default()
     };
     for n in 0..LATENCY_SAMPLES {
-        let (authorize, overhead) = timed_flow(api, fake, client, &format!("latency-{n}")).await?;
-        flows.authorize.latencies.push(nanos(authorize));
-        flows.callback_overhead.latencies.push(nanos(overhead));
+        let user = format!("latency-{n}");
+        let flow = timed_flow(api, fake, client, &user, &format!("{user}-account")).await?;
+        flows.authorize.latencies.push(nanos(flow.authorize));
+        flows
+            .callback_overhead
+            .latencies
+            .push(nanos(flow.callback_overhead));
     }
     flows.authorize.latencies.sort_unstable();
     flows.callback_overhead.latencies.sort_unstable();
@@ -118,7 +135,8 @@ async fn burst(
         tasks.spawn(async move {
             gate.wait().await;
             let began = Instant::now();
-            let result = timed_flow(&api, &fake, &client, &user).await;
+            let subject = format!("{user}-account");
+            let result = timed_flow(&api, &fake, &client, &user, &subject).await;
             (began.elapsed(), result.map(|_| ()))
         });
     }

@@ -903,36 +903,9 @@ async fn connect_through_the_fake(
     user: &str,
     subject: &str,
 ) -> anyhow::Result<Uuid> {
-    fake.push_consent(PROVIDER, Consent::user(subject));
-    let response = client
-        .post(service.url(&format!("/api/v1/oauth/providers/{PROVIDER}/authorize")))
-        .bearer_auth(service.jwt(user, &["user"])?)
-        .json(&json!({}))
-        .send()
-        .await?;
-    let status = response.status();
-    let body: Value = response.json().await?;
-    if status != StatusCode::OK {
-        bail!("authorize answered {status}: {body}");
-    }
-    let authorization_url = body["authorization_url"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no authorization_url in {body}"))?;
-    let location = fake.authorize(authorization_url).await;
-    let callback = location
-        .strip_prefix(PUBLIC_URL)
-        .ok_or_else(|| anyhow!("the fake redirected to {location}, not the public URL"))?;
-    let response = client
-        .get(service.url(callback))
-        .header("accept", "application/json")
-        .send()
-        .await?;
-    let status = response.status();
-    let body: Value = response.json().await?;
-    let id = body["integration_id"]
-        .as_str()
-        .ok_or_else(|| anyhow!("callback answered {status}: {body}"))?;
-    Ok(id.parse()?)
+    Ok(fleet::timed_flow(service, fake, client, user, subject)
+        .await?
+        .id)
 }
 
 /// Rewrites the stored token set as issued an hour ago and expired a minute ago (same refresh

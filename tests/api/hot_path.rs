@@ -4,28 +4,13 @@
 
 use std::time::Duration as StdDuration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::connect::connect;
-use crate::support::fake_provider::{Consent, FakeProvider};
+use crate::lifecycle::{connected, get_token};
 use crate::support::{audit_events, problem, spawn_with_fake_and, TestApp};
 
-async fn connected(app: &TestApp, fake: &FakeProvider, user: &str, subject: &str) -> String {
-    let (status, result) =
-        connect(app, fake, "google", user, Consent::user(subject), json!({})).await;
-    assert_eq!(status, 200, "{result}");
-    result["integration_id"].as_str().expect("id").to_owned()
-}
-
 async fn hand_out_status(app: &TestApp, id: &str) -> u16 {
-    app.get_as(
-        &format!("/api/v1/oauth/integrations/{id}/token"),
-        "backend",
-        &["service"],
-    )
-    .await
-    .status()
-    .as_u16()
+    get_token(app, id).await.status().as_u16()
 }
 
 async fn disconnect(app: &TestApp, id: &str) {
@@ -43,8 +28,8 @@ async fn disconnect(app: &TestApp, id: &str) {
 async fn a_disconnect_takes_effect_at_once_here_and_within_the_cache_ttl_on_other_replicas() {
     let (app, fake) = spawn_with_fake_and(&[("OAUTH_TOKEN_CACHE_SECONDS", "1")]).await;
     let other = app.sibling().await;
-    let here = connected(&app, &fake, "alice", "g-1").await;
-    let there = connected(&app, &fake, "alice", "g-2").await;
+    let here = connected(&app, &fake, "google", "g-1").await;
+    let there = connected(&app, &fake, "google", "g-2").await;
     assert_eq!(hand_out_status(&app, &here).await, 200);
     assert_eq!(hand_out_status(&app, &there).await, 200);
 
@@ -78,7 +63,7 @@ async fn a_disconnect_takes_effect_at_once_here_and_within_the_cache_ttl_on_othe
 async fn with_the_cache_off_every_hand_out_reads_the_database() {
     let (app, fake) = spawn_with_fake_and(&[("OAUTH_TOKEN_CACHE_SECONDS", "0")]).await;
     let other = app.sibling().await;
-    let id = connected(&app, &fake, "alice", "g-1").await;
+    let id = connected(&app, &fake, "google", "g-1").await;
     assert_eq!(hand_out_status(&app, &id).await, 200);
     disconnect(&other, &id).await;
     assert_eq!(hand_out_status(&app, &id).await, 409);
@@ -87,7 +72,7 @@ async fn with_the_cache_off_every_hand_out_reads_the_database() {
 #[tokio::test]
 async fn a_cached_token_is_only_handed_to_callers_who_may_read_it() {
     let (app, fake) = spawn_with_fake_and(&[]).await;
-    let id = connected(&app, &fake, "alice", "g-1").await;
+    let id = connected(&app, &fake, "google", "g-1").await;
     assert_eq!(hand_out_status(&app, &id).await, 200, "now cached");
     let (status, _) = problem(
         app.get_as(
@@ -117,7 +102,7 @@ async fn a_cached_token_is_only_handed_to_callers_who_may_read_it() {
 #[tokio::test]
 async fn every_concurrent_hand_out_is_audited_once_in_intact_chains() {
     let (app, fake) = spawn_with_fake_and(&[]).await;
-    let id = connected(&app, &fake, "alice", "g-1").await;
+    let id = connected(&app, &fake, "google", "g-1").await;
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..64 {
         let (http, url, token) = (
@@ -149,7 +134,7 @@ async fn every_concurrent_hand_out_is_audited_once_in_intact_chains() {
 #[tokio::test]
 async fn erasure_also_pseudonymises_hand_out_events_still_queued() {
     let (app, fake) = spawn_with_fake_and(&[]).await;
-    let id = connected(&app, &fake, "alice", "g-1").await;
+    let id = connected(&app, &fake, "google", "g-1").await;
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..100 {
         let (http, url, token) = (

@@ -14,7 +14,12 @@ use crate::support::fake_provider::{Consent, Endpoint, FakeProvider, Fault};
 use crate::support::{count_rows, problem, spawn_with_fake, TestApp};
 use oauth_manager::services::worker::{self, WorkerSettings};
 
-async fn connected(app: &TestApp, fake: &FakeProvider, provider: &str, subject: &str) -> String {
+pub async fn connected(
+    app: &TestApp,
+    fake: &FakeProvider,
+    provider: &str,
+    subject: &str,
+) -> String {
     let (status, result) = connect(
         app,
         fake,
@@ -28,7 +33,7 @@ async fn connected(app: &TestApp, fake: &FakeProvider, provider: &str, subject: 
     result["integration_id"].as_str().expect("id").to_owned()
 }
 
-async fn get_token(app: &TestApp, id: &str) -> reqwest::Response {
+pub async fn get_token(app: &TestApp, id: &str) -> reqwest::Response {
     app.get_as(
         &format!("/api/v1/oauth/integrations/{id}/token"),
         "backend",
