@@ -257,6 +257,12 @@ async fn start_serve(service: &Service, concurrency: usize) -> anyhow::Result<(S
         .env("OAUTH_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
+    // Allocator settings under test pass through (e.g. MALLOC_ARENA_MAX).
+    for name in ["MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_"] {
+        if let Ok(value) = std::env::var(name) {
+            command.env(name, value);
+        }
+    }
     let child = ServeProcess {
         child: command.spawn()?,
     };

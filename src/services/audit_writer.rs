@@ -15,13 +15,14 @@
 //! (one batch, typically a few milliseconds).
 
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::audit::{chain_key, row_hash, salt_of, Salt};
 use super::{ServiceError, ServiceResult};
 use crate::clock::SharedClock;
-use crate::storage::audit::{ChainLink, NewAuditEvent};
+use crate::storage::audit::{ChainHeads, ChainLink, NewAuditEvent};
 use crate::storage::Database;
 
 /// Events queued before callers wait for room.
@@ -101,16 +102,29 @@ fn stopped() -> ServiceError {
     ServiceError::Internal("the audit writer stopped".to_owned())
 }
 
+/// Chain heads are remembered between batches for at most this long: pruning (which appends
+/// a checkpoint) only ever touches rows far older than that, and any other writer's append
+/// is caught by the unique index anyway.
+const HEADS_KEPT_FOR: Duration = Duration::from_secs(30);
+/// Heads remembered at most (one entry per recently active user).
+const HEADS_KEPT_AT_MOST: usize = 50_000;
+
 async fn run(mut receiver: mpsc::Receiver<Message>, deps: WriterDeps) {
     let mut messages = Vec::with_capacity(MAX_BATCH);
+    let mut heads = ChainHeads::new();
+    let mut heads_since = Instant::now();
     while receiver.recv_many(&mut messages, MAX_BATCH).await > 0 {
-        write_batch(&deps, std::mem::take(&mut messages)).await;
+        if heads_since.elapsed() > HEADS_KEPT_FOR || heads.len() > HEADS_KEPT_AT_MOST {
+            heads.clear();
+            heads_since = Instant::now();
+        }
+        write_batch(&deps, &mut heads, std::mem::take(&mut messages)).await;
     }
 }
 
 /// Writes the appends of `messages` in one transaction, then answers everyone: appenders with
 /// their row id (or the error), flushes once everything before them is written.
-async fn write_batch(deps: &WriterDeps, messages: Vec<Message>) {
+async fn write_batch(deps: &WriterDeps, heads: &mut ChainHeads, messages: Vec<Message>) {
     let mut events = Vec::with_capacity(messages.len());
     let mut acks = Vec::with_capacity(messages.len());
     let mut flushes = Vec::new();
@@ -124,7 +138,7 @@ async fn write_batch(deps: &WriterDeps, messages: Vec<Message>) {
         }
     }
     if !events.is_empty() {
-        let result = commit(deps, events).await;
+        let result = commit(deps, heads, events).await;
         if let Err(err) = &result {
             tracing::error!(error = %err, events = acks.len(), "audit events could not be written");
         }
@@ -146,7 +160,11 @@ async fn write_batch(deps: &WriterDeps, messages: Vec<Message>) {
     }
 }
 
-async fn commit(deps: &WriterDeps, events: Vec<NewAuditEvent>) -> Result<Vec<i64>, String> {
+async fn commit(
+    deps: &WriterDeps,
+    heads: &mut ChainHeads,
+    events: Vec<NewAuditEvent>,
+) -> Result<Vec<i64>, String> {
     let salt = salt_of(&deps.salt, &deps.db, deps.clock.now())
         .await
         .map_err(|err| err.to_string())?;
@@ -160,8 +178,23 @@ async fn commit(deps: &WriterDeps, events: Vec<NewAuditEvent>) -> Result<Vec<i64
         .collect();
     let hasher =
         move |link: &ChainLink<'_>, event: &NewAuditEvent| row_hash(&salt, link, event).to_vec();
-    deps.db
-        .append_chained_audit_events(&chained, &hasher)
-        .await
-        .map_err(|err| err.to_string())
+    let first = deps
+        .db
+        .append_chained_audit_events(&chained, &hasher, heads)
+        .await;
+    match first {
+        Ok(ids) => Ok(ids),
+        // Another writer (a replica, pruning) moved a chain on: read the heads afresh, once.
+        Err(err) if err.is_unique_violation() => {
+            heads.clear();
+            deps.db
+                .append_chained_audit_events(&chained, &hasher, heads)
+                .await
+                .map_err(|err| err.to_string())
+        }
+        Err(err) => {
+            heads.clear();
+            Err(err.to_string())
+        }
+    }
 }

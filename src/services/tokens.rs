@@ -21,6 +21,7 @@
 //! attempt either works or meets `invalid_grant`, which is terminal — never a loop.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
 use std::time::{Duration as StdDuration, Instant};
 
@@ -300,20 +301,35 @@ pub async fn refresh_claimed(
 ) -> ServiceResult<TokenSet> {
     let trigger = Trigger::Background { window };
     let client = RequestContext::default();
+    let handoff = Claim {
+        owner: claim.to_owned(),
+        transferred: Arc::new(AtomicBool::new(false)),
+    };
+    let transferred = handoff.transferred.clone();
     let task = tokio::spawn(single_flight(
         ctx.clone(),
         integration.clone(),
         trigger,
         WORKER_ACTOR.to_owned(),
         client,
-        Some(claim.to_owned()),
+        Some(handoff),
     ));
     let result = task
         .await
         .map_err(|err| ServiceError::Internal(format!("refresh task failed: {err}")))?;
-    // Not needed after all, or failed before the hand-over: the claim must not linger.
-    ctx.db.release_token_lease(integration.id, claim).await?;
+    // Not needed after all, or failed before the hand-over: the claim must not linger. (After
+    // the hand-over the refresh owns the lease and releases it itself: no write needed here.)
+    if !transferred.load(Ordering::Acquire) {
+        ctx.db.release_token_lease(integration.id, claim).await?;
+    }
     result
+}
+
+/// A worker's claim on a token row, handed over to the refresh that takes the lease.
+struct Claim {
+    owner: String,
+    /// Set once the lease has passed from the claim to the refresh.
+    transferred: Arc<AtomicBool>,
 }
 
 pub const WORKER_ACTOR: &str = "system:refresher";
@@ -331,7 +347,7 @@ async fn single_flight(
     trigger: Trigger,
     actor: String,
     client: RequestContext,
-    mut claimed: Option<String>,
+    mut claimed: Option<Claim>,
 ) -> ServiceResult<TokenSet> {
     let ctx = &ctx;
     let _flight = ctx.flights.lock(integration.id).await;
@@ -388,9 +404,12 @@ async fn single_flight(
         let until = now + ctx.lifecycle.lease;
         let taken = match claimed.take() {
             Some(claim) => {
-                ctx.db
-                    .transfer_token_lease(integration.id, &claim, &lease, until)
-                    .await?
+                let moved = ctx
+                    .db
+                    .transfer_token_lease(integration.id, &claim.owner, &lease, until)
+                    .await?;
+                claim.transferred.store(moved, Ordering::Release);
+                moved
             }
             None => {
                 ctx.db
@@ -645,9 +664,6 @@ async fn store_refreshed(
         tracing::warn!(integration = %integration.id, "refreshed tokens for an integration disconnected meanwhile");
         return Err(ServiceError::IntegrationRevoked);
     }
-    ctx.db
-        .mark_integration_refreshed(integration.id, now)
-        .await?;
     let mut refreshed = integration.clone();
     refreshed.last_refreshed_at = Some(now);
     if let Some(scopes) = reported_scopes.filter(|scopes| *scopes != integration.granted_scopes) {

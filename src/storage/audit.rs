@@ -15,6 +15,7 @@
 //!   appenders could not fork a chain (one insert would fail).
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -194,7 +195,39 @@ const INSERT_SQL: &str = "INSERT INTO oauth_audit_log (occurred_at, actor_user_i
 const HEAD_SQL: &str = "SELECT chain_seq, row_hash FROM oauth_audit_log WHERE chain = $1 \
     ORDER BY chain_seq DESC LIMIT 1";
 
-const PG_CHAIN_LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
+/// Takes the locks of the chains in `$1`, in the array's order (a function scan of `unnest`
+/// yields the elements in order).
+const PG_CHAIN_LOCKS_SQL: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended(chain, 0)) FROM unnest($1::text[]) AS chain";
+
+const INSERT_COLUMNS: &str = "occurred_at, actor_user_id, subject_user_id, integration_id, \
+    provider, action, outcome, reason, request_id, client_ip, user_agent, details, chain, \
+    chain_seq, prev_hash, row_hash";
+const INSERT_COLUMN_COUNT: usize = 16;
+/// Rows per multi-row INSERT (16 parameters each: far below both servers' limits).
+const INSERT_CHUNK: usize = 256;
+
+/// The head of each chain (`chain_seq`, `row_hash`) as a writer remembers it between batches.
+/// A remembered head that another writer has moved on makes the next append collide on the
+/// unique `(chain, chain_seq)` index; the writer then forgets its heads and retries.
+pub type ChainHeads = HashMap<String, (i64, Vec<u8>)>;
+
+/// `INSERT … VALUES (…), (…) … RETURNING id, chain, chain_seq` for `rows` rows.
+fn multi_row_insert_sql(rows: usize) -> String {
+    let mut sql = format!("INSERT INTO oauth_audit_log ({INSERT_COLUMNS}) VALUES ");
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for column in 0..INSERT_COLUMN_COUNT {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            let _ = write!(sql, "${}", row * INSERT_COLUMN_COUNT + column + 1);
+        }
+        sql.push(')');
+    }
+    sql.push_str(" RETURNING id, chain, chain_seq");
+    sql
+}
 
 /// Rows per round trip when the storage layer walks rows inside a transaction.
 const BATCH: i64 = 500;
@@ -235,10 +268,10 @@ macro_rules! with_write_tx {
                     .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
                     .await?;
                 // Callers pass chains sorted: two transactions taking overlapping sets in the
-                // same order cannot deadlock.
-                for chain in locks {
-                    sqlx::query(PG_CHAIN_LOCK_SQL)
-                        .bind(chain)
+                // same order cannot deadlock. One round trip for all of them.
+                if !locks.is_empty() {
+                    sqlx::query(PG_CHAIN_LOCKS_SQL)
+                        .bind(locks)
                         .execute(&mut *$tx)
                         .await?;
                 }
@@ -326,41 +359,80 @@ impl Database {
     }
 
     /// Appends `events` (each with its chain), in order, in one transaction holding every
-    /// chain's lock: the group commit of [`crate::services::audit_writer`]. Returns the row ids
-    /// in the order of `events`.
+    /// chain's lock: the group commit of [`crate::services::audit_writer`]. Heads missing from
+    /// `heads` are read; after the commit `heads` holds the new heads. Returns the row ids in
+    /// the order of `events`.
     pub async fn append_chained_audit_events(
         &self,
         events: &[(String, NewAuditEvent)],
         hash: RowHasher<'_>,
+        heads: &mut ChainHeads,
     ) -> StorageResult<Vec<i64>> {
         let mut chains: Vec<&str> = events.iter().map(|(chain, _)| chain.as_str()).collect();
         chains.sort_unstable();
         chains.dedup();
-        let ids = with_write_tx!(self, &chains, tx => {
-            let mut heads: HashMap<&str, (i64, Vec<u8>)> = HashMap::with_capacity(chains.len());
+        let (ids, new_heads) = with_write_tx!(self, &chains, tx => {
+            let mut batch_heads: HashMap<&str, (i64, Vec<u8>)> = HashMap::with_capacity(chains.len());
             for chain in &chains {
-                let head: Option<(i64, Vec<u8>)> = sqlx::query_as(HEAD_SQL)
-                    .bind(*chain)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                heads.insert(chain, head.unwrap_or((0, ZERO_HASH.to_vec())));
+                let head = match heads.get(*chain) {
+                    Some(head) => Some(head.clone()),
+                    None => sqlx::query_as(HEAD_SQL).bind(*chain).fetch_optional(&mut *tx).await?,
+                };
+                batch_heads.insert(chain, head.unwrap_or((0, ZERO_HASH.to_vec())));
             }
-            let mut ids = Vec::with_capacity(events.len());
+            let mut rows = Vec::with_capacity(events.len());
             for (chain, event) in events {
-                let (seq, prev_hash) = heads
+                let (seq, prev_hash) = batch_heads
                     .get(chain.as_str())
                     .map(|(seq, hash)| (seq + 1, hash.clone()))
                     .unwrap_or((1, ZERO_HASH.to_vec()));
-                let link = ChainLink { chain, seq, prev_hash: &prev_hash };
-                let row_hash = hash(&link, event);
-                let id = insert_query!(event, chain.as_str(), seq, &prev_hash, &row_hash)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                heads.insert(chain, (seq, row_hash));
-                ids.push(id);
+                let row_hash = hash(&ChainLink { chain, seq, prev_hash: &prev_hash }, event);
+                batch_heads.insert(chain, (seq, row_hash.clone()));
+                rows.push((chain.as_str(), event, seq, prev_hash, row_hash));
             }
-            ids
+            let mut ids_by_position: HashMap<(String, i64), i64> = HashMap::with_capacity(rows.len());
+            for chunk in rows.chunks(INSERT_CHUNK) {
+                let sql = multi_row_insert_sql(chunk.len());
+                let mut query = sqlx::query_as::<_, (i64, String, i64)>(&sql);
+                for (chain, event, seq, prev_hash, row_hash) in chunk {
+                    query = query
+                        .bind(event.occurred_at)
+                        .bind(&event.actor_user_id)
+                        .bind(&event.subject_user_id)
+                        .bind(event.integration_id)
+                        .bind(&event.provider)
+                        .bind(&event.action)
+                        .bind(event.outcome.as_str())
+                        .bind(&event.reason)
+                        .bind(&event.request_id)
+                        .bind(&event.client_ip)
+                        .bind(&event.user_agent)
+                        .bind(Json(&event.details))
+                        .bind(*chain)
+                        .bind(*seq)
+                        .bind(prev_hash)
+                        .bind(row_hash);
+                }
+                for (id, chain, seq) in query.fetch_all(&mut *tx).await? {
+                    ids_by_position.insert((chain, seq), id);
+                }
+            }
+            // RETURNING gives no order guarantee: rows are matched by their chain position.
+            let ids = rows
+                .iter()
+                .map(|(chain, _, seq, _, _)| {
+                    ids_by_position.get(&((*chain).to_owned(), *seq)).copied().ok_or_else(|| {
+                        StorageError::Corrupt(format!("no id returned for {chain}#{seq}"))
+                    })
+                })
+                .collect::<StorageResult<Vec<i64>>>()?;
+            let new_heads: Vec<(String, (i64, Vec<u8>))> = batch_heads
+                .into_iter()
+                .map(|(chain, head)| (chain.to_owned(), head))
+                .collect();
+            (ids, new_heads)
         });
+        heads.extend(new_heads);
         Ok(ids)
     }
 

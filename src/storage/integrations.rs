@@ -126,6 +126,11 @@ pub struct IntegrationFilter {
     pub status: Option<IntegrationStatus>,
 }
 
+/// A successful refresh: written with the refreshed tokens (`Database::store_refreshed_tokens`).
+pub(super) const MARK_REFRESHED_SQL: &str =
+    "UPDATE oauth_integrations SET last_refreshed_at = $2, \
+    updated_at = $2, last_error = NULL, last_error_at = NULL WHERE id = $1";
+
 impl Database {
     pub async fn insert_integration(&self, integration: &Integration) -> StorageResult<()> {
         let sql = format!(
@@ -330,18 +335,6 @@ impl Database {
         let sql =
             "UPDATE oauth_integrations SET granted_scopes = $2, updated_at = $3 WHERE id = $1";
         with_pool!(self, pool => sqlx::query(sql).bind(id).bind(Json(scopes)).bind(now).execute(pool).await.map(|_| ()))?;
-        Ok(())
-    }
-
-    /// A successful refresh: clears the last error.
-    pub async fn mark_integration_refreshed(
-        &self,
-        id: Uuid,
-        now: DateTime<Utc>,
-    ) -> StorageResult<()> {
-        let sql = "UPDATE oauth_integrations SET last_refreshed_at = $2, updated_at = $2, \
-                   last_error = NULL, last_error_at = NULL WHERE id = $1";
-        with_pool!(self, pool => sqlx::query(sql).bind(id).bind(now).execute(pool).await.map(|_| ()))?;
         Ok(())
     }
 

@@ -200,6 +200,10 @@ impl Database {
     /// Stores refreshed tokens and releases the lease in one statement. Deliberately not
     /// conditional on still holding the lease: a rotated refresh token is the only one that
     /// works now, and losing it would lose the connection.
+    ///
+    /// The integration's `last_refreshed_at` is set (and its last error cleared) in the same
+    /// transaction: one write per refresh, which is what bounds the background refresher's
+    /// rate on SQLite's single writer.
     pub async fn store_refreshed_tokens(
         &self,
         tokens: &SealedTokens,
@@ -210,18 +214,31 @@ impl Database {
                    lease_until = NULL, refresh_failures = 0, refresh_not_before = NULL \
                    WHERE integration_id = $1 RETURNING generation";
         // `None`: the row is gone (the integration was disconnected meanwhile).
-        Ok(with_pool!(self, pool => sqlx::query_scalar(sql)
-            .bind(tokens.integration_id)
-            .bind(&tokens.key_id)
-            .bind(&tokens.access_token)
-            .bind(&tokens.refresh_token)
-            .bind(&tokens.id_token)
-            .bind(&tokens.token_type)
-            .bind(tokens.expires_at)
-            .bind(tokens.refresh_token_expires_at)
-            .bind(tokens.updated_at)
-            .fetch_optional(pool)
-            .await)?)
+        Ok(with_pool!(self, pool => async {
+            let mut tx = pool.begin().await?;
+            let generation: Option<i64> = sqlx::query_scalar(sql)
+                .bind(tokens.integration_id)
+                .bind(&tokens.key_id)
+                .bind(&tokens.access_token)
+                .bind(&tokens.refresh_token)
+                .bind(&tokens.id_token)
+                .bind(&tokens.token_type)
+                .bind(tokens.expires_at)
+                .bind(tokens.refresh_token_expires_at)
+                .bind(tokens.updated_at)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if generation.is_some() {
+                sqlx::query(super::integrations::MARK_REFRESHED_SQL)
+                    .bind(tokens.integration_id)
+                    .bind(tokens.updated_at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(generation)
+        }
+        .await)?)
     }
 
     /// No refresh attempt before `not_before` (not due yet, or backing off), without counting

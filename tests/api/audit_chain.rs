@@ -702,3 +702,36 @@ async fn listing_filters_by_subject_integration_action_and_time() {
     .await;
     assert_eq!(ids(&alices), [with_integration]);
 }
+
+#[tokio::test]
+async fn a_writer_whose_remembered_head_another_replica_moved_on_appends_after_it() {
+    let app = spawn_app().await;
+    let other = app.sibling().await;
+    // Each writer remembers alice's head after its own append; the other moves it on meanwhile.
+    let mut ids = Vec::new();
+    for round in 0..3 {
+        ids.push(append(&app, &format!("here_{round}"), Some("alice"), Some("alice")).await);
+        ids.push(
+            append(
+                &other,
+                &format!("there_{round}"),
+                Some("alice"),
+                Some("alice"),
+            )
+            .await,
+        );
+    }
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 6, "every append got its own row: {ids:?}");
+    let report = verify(&app).await;
+    assert_clean(&report);
+    let alice = report
+        .heads
+        .iter()
+        .map(|head| head.seq)
+        .max()
+        .expect("heads");
+    assert_eq!(alice, 6, "six contiguous rows in alice's chain");
+}
