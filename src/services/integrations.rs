@@ -9,7 +9,7 @@ use super::{Context, ServiceError, ServiceResult};
 use crate::auth::rbac::{Actor, ReadIntegrations, RequiredPermission, UserScope};
 use crate::storage::audit::Outcome;
 use crate::storage::integrations::{Integration, IntegrationFilter, IntegrationStatus};
-use crate::storage::{Database, Page, Paged};
+use crate::storage::{Page, Paged};
 
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 200;
@@ -24,20 +24,28 @@ pub struct ListIntegrations {
 }
 
 pub async fn list(
-    db: &Database,
+    ctx: &Context,
     actor: &Actor<ReadIntegrations>,
     query: ListIntegrations,
+    client: &RequestContext,
 ) -> ServiceResult<Paged<Integration, Uuid>> {
-    let user_id = match actor.list_scope(query.user_id.as_deref())? {
-        UserScope::One(user) => Some(user),
-        UserScope::All => None,
+    let user_id = match actor.list_scope(query.user_id.as_deref()) {
+        Ok(UserScope::One(user)) => Some(user),
+        Ok(UserScope::All) => None,
+        Err(forbidden) => {
+            // Asking for someone else's list is a refused attempt like any other 403.
+            let subject = query.user_id.as_deref();
+            audit::denied(ctx, actor.user_id(), subject, "integrations_list", client).await;
+            return Err(forbidden.into());
+        }
     };
     let filter = IntegrationFilter {
         user_id,
         provider: query.provider,
         status: query.status,
     };
-    Ok(db
+    Ok(ctx
+        .db
         .list_integrations(&filter, page(query.after, query.limit)?)
         .await?)
 }

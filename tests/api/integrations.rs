@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::support::{problem, spawn_app, spawn_app_with};
+use crate::support::{audit_events, problem, spawn_app, spawn_app_with};
 
 const LIST: &str = "/api/v1/oauth/integrations";
 
@@ -54,6 +54,16 @@ async fn a_user_sees_only_their_own_integrations() {
     )
     .await;
     assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
+    // … and the refused attempt is in bob's audit trail, like every other 403.
+    let denied: Vec<_> = audit_events(&app, Some("bob"))
+        .await
+        .items
+        .into_iter()
+        .filter(|event| event.action == "authorization_denied")
+        .collect();
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(denied[0].actor_user_id.as_deref(), Some("alice"));
+    assert_eq!(denied[0].reason.as_deref(), Some("integrations_list"));
     assert_eq!(
         ids(app
             .get_as(&format!("{LIST}?user_id=alice"), "alice", &["user"])

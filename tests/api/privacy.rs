@@ -444,3 +444,32 @@ async fn a_self_erasure_keeps_no_address_or_user_agent_of_the_user() {
         erased.client_ip.is_none() && erased.user_agent.is_none() && erased.actor_user_id.is_none()
     );
 }
+
+#[tokio::test]
+async fn nobody_reads_the_audit_salt_through_the_api_not_even_an_admin() {
+    let (app, _fake) = spawn_with_fake().await;
+    let genesis = app
+        .db
+        .audit_genesis()
+        .await
+        .expect("genesis")
+        .expect("started at migration");
+    let salt = genesis.event.details.0["salt"]
+        .as_str()
+        .expect("the genesis row carries the salt")
+        .to_owned();
+    let listed: Value = app
+        .get_as(
+            "/api/v1/oauth/audit?action=audit_genesis",
+            "root",
+            &["admin"],
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    let items = listed["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{listed}");
+    assert_eq!(items[0]["details"]["salt"], "redacted");
+    assert!(!listed.to_string().contains(&salt));
+}

@@ -105,6 +105,7 @@ pub struct ListParams {
 pub async fn list(
     State(state): State<AppState>,
     Authorized(actor): Authorized<ReadIntegrations>,
+    ClientInfo(client): ClientInfo,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Json<IntegrationList>, ApiError> {
     let query = ListIntegrations {
@@ -114,7 +115,7 @@ pub async fn list(
         after: decode_cursor(params.cursor.as_deref())?,
         limit: params.limit,
     };
-    let page = integrations::list(&state.services.db, &actor, query).await?;
+    let page = integrations::list(&state.services, &actor, query, &client).await?;
     Ok(Json(IntegrationList {
         items: page.items.into_iter().map(IntegrationView::from).collect(),
         next_cursor: page.next.map(encode_cursor),
