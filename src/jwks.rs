@@ -155,19 +155,22 @@ impl JwksCache {
         if !response.status().is_success() {
             return Err(format!("HTTP {}", response.status()));
         }
-        parse_jwks(&read_limited(response).await?)
+        parse_jwks(&read_limited(response, MAX_JWKS_BYTES, "JWKS document too large").await?)
     }
 }
 
-/// The body, refused as soon as it exceeds `MAX_JWKS_BYTES`: a hostile or broken endpoint
-/// must not make us buffer an unbounded document.
-async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, String> {
-    const TOO_LARGE: &str = "JWKS document too large";
+/// The body, refused (`too_large`) as soon as it exceeds `max` bytes: a hostile or broken
+/// endpoint must not make us buffer an unbounded document.
+pub(crate) async fn read_limited(
+    mut response: reqwest::Response,
+    max: usize,
+    too_large: &str,
+) -> Result<Vec<u8>, String> {
     if response
         .content_length()
-        .is_some_and(|declared| declared > MAX_JWKS_BYTES as u64)
+        .is_some_and(|declared| declared > max as u64)
     {
-        return Err(TOO_LARGE.to_owned());
+        return Err(too_large.to_owned());
     }
     let mut body = Vec::new();
     while let Some(chunk) = response
@@ -175,8 +178,8 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, String
         .await
         .map_err(|err| err.without_url().to_string())?
     {
-        if body.len() + chunk.len() > MAX_JWKS_BYTES {
-            return Err(TOO_LARGE.to_owned());
+        if body.len() + chunk.len() > max {
+            return Err(too_large.to_owned());
         }
         body.extend_from_slice(&chunk);
     }

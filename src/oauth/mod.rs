@@ -134,7 +134,7 @@ fn api_error(status: u16, body: &[u8], secrets: &[String]) -> TokenError {
         ),
         _ => ("unknown_error".to_owned(), None),
     };
-    TokenError::provider_redacting(code, description, Vec::new(), status, secrets)
+    TokenError::provider(code, description, Vec::new(), status, secrets)
 }
 
 #[cfg(test)]

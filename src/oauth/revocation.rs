@@ -88,7 +88,7 @@ fn outcome(reply: &Reply, secrets: &[String]) -> Result<RevocationOutcome, Token
             if status == 400 && error == "invalid_token" {
                 return Ok(RevocationOutcome::Revoked);
             }
-            Err(TokenError::provider_redacting(
+            Err(TokenError::provider(
                 error,
                 description,
                 Vec::new(),

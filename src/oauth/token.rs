@@ -215,19 +215,10 @@ pub enum FailureClass {
 const REAUTH_ERROR_CODES: [i64; 8] = [70008, 700082, 700084, 50173, 65001, 50076, 50078, 50079];
 
 impl TokenError {
-    /// A provider error with provider-controlled text sanitised and bounded for logs.
+    /// A provider error with provider-controlled text sanitised and bounded for logs, every
+    /// value of `secrets` removed from it first (before it is bounded, so no prefix of a secret
+    /// survives either).
     pub fn provider(
-        error: String,
-        description: Option<String>,
-        error_codes: Vec<i64>,
-        status: u16,
-    ) -> Self {
-        Self::provider_redacting(error, description, error_codes, status, &[])
-    }
-
-    /// [`TokenError::provider`], with every value of `secrets` removed from the provider's
-    /// text first (before it is bounded, so no prefix of a secret survives either).
-    pub fn provider_redacting(
         error: String,
         description: Option<String>,
         error_codes: Vec<i64>,
@@ -432,7 +423,7 @@ fn oauth_error(
         .and_then(Value::as_array)
         .map(|codes| codes.iter().filter_map(Value::as_i64).collect())
         .unwrap_or_default();
-    Some(TokenError::provider_redacting(
+    Some(TokenError::provider(
         code,
         description,
         error_codes,

@@ -51,7 +51,7 @@ async fn fetch(http: &reqwest::Client, issuer: &str) -> Result<Metadata, String>
         "{}/.well-known/openid-configuration",
         issuer.trim_end_matches('/')
     );
-    let mut response = http
+    let response = http
         .get(&url)
         .header(reqwest::header::ACCEPT, "application/json")
         .send()
@@ -61,24 +61,9 @@ async fn fetch(http: &reqwest::Client, issuer: &str) -> Result<Metadata, String>
         return Err(format!("HTTP {} from {url}", response.status()));
     }
     // Refused as soon as it grows past the limit, not after buffering whatever was sent.
-    const TOO_LARGE: &str = "metadata document too large";
-    if response
-        .content_length()
-        .is_some_and(|length| length > MAX_METADATA_BYTES as u64)
-    {
-        return Err(TOO_LARGE.to_owned());
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|err| err.without_url().to_string())?
-    {
-        if body.len() + chunk.len() > MAX_METADATA_BYTES {
-            return Err(TOO_LARGE.to_owned());
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let body =
+        crate::jwks::read_limited(response, MAX_METADATA_BYTES, "metadata document too large")
+            .await?;
     serde_json::from_slice(&body).map_err(|err| format!("metadata is not valid JSON: {err}"))
 }
 

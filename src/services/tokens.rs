@@ -34,6 +34,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 use super::audit::{self, RequestContext};
+use super::token_cache::CachedTokens;
 use super::vault::{TokenOwner, TokenSet};
 use super::{integrations, Context, ServiceError, ServiceResult};
 use crate::auth::rbac::{Actor, ReadTokens, RequiredPermission};
@@ -162,22 +163,29 @@ pub async fn access_token(
 /// to this caller. Anything else (not cached, someone else's, due for refresh) takes the
 /// full path, which also audits refusals.
 fn cached_token(ctx: &Context, actor: &Actor<ReadTokens>, id: Uuid) -> Option<IssuedToken> {
+    let cached = fresh_in_cache(ctx, id, &Trigger::OnDemand)?;
+    actor
+        .can_access(&cached.integration.user_id)
+        .then(|| IssuedToken {
+            access_token: cached.tokens.access_token.clone(),
+            token_type: cached.tokens.token_type.clone(),
+            expires_at: cached.tokens.expires_at,
+            integration: cached.integration.clone(),
+        })
+}
+
+/// The cached token set of `id`, if it satisfies `trigger` as it stands.
+fn fresh_in_cache(ctx: &Context, id: Uuid, trigger: &Trigger) -> Option<Arc<CachedTokens>> {
     let cached = ctx.tokens_cache.get(id)?;
     let now = ctx.clock.now();
-    let usable = actor.can_access(&cached.integration.user_id)
-        && !needs_refresh(
-            &Trigger::OnDemand,
-            &cached.tokens,
-            cached.stored_at,
-            now,
-            &ctx.lifecycle,
-        );
-    usable.then(|| IssuedToken {
-        access_token: cached.tokens.access_token.clone(),
-        token_type: cached.tokens.token_type.clone(),
-        expires_at: cached.tokens.expires_at,
-        integration: cached.integration.clone(),
-    })
+    (!needs_refresh(
+        trigger,
+        &cached.tokens,
+        cached.stored_at,
+        now,
+        &ctx.lifecycle,
+    ))
+    .then_some(cached)
 }
 
 fn handed_out(
@@ -352,17 +360,8 @@ async fn single_flight(
     let ctx = &ctx;
     let _flight = ctx.flights.lock(integration.id).await;
     // Waiters of a refresh in this process find its result here without a database read.
-    if let Some(cached) = ctx.tokens_cache.get(integration.id) {
-        let stored_at = cached.stored_at;
-        if !needs_refresh(
-            &trigger,
-            &cached.tokens,
-            stored_at,
-            ctx.clock.now(),
-            &ctx.lifecycle,
-        ) {
-            return Ok(cached.tokens.clone());
-        }
+    if let Some(cached) = fresh_in_cache(ctx, integration.id, &trigger) {
+        return Ok(cached.tokens.clone());
     }
     let deadline = Instant::now() + WAIT_FOR_OTHER_REFRESHER;
     loop {
