@@ -146,7 +146,10 @@ pub async fn build_services(
         lifecycle: config.lifecycle,
         flights: Arc::default(),
         instance_id: uuid::Uuid::new_v4().to_string().into(),
-        audit: crate::services::audit::AuditChains::new(config.audit_retention_days),
+        audit: crate::services::audit::AuditChains::new(
+            config.audit_retention_days,
+            config.audit_hand_out_window,
+        ),
         tokens_cache: crate::services::token_cache::TokenCache::new(config.lifecycle.token_cache),
     })
 }

@@ -181,6 +181,9 @@ pub struct Config {
     /// `OAUTH_AUDIT_RETENTION_DAYS` (1–36500): the worker prunes older audit rows, leaving a
     /// checkpoint in each chain. Unset: audit rows are kept forever.
     pub audit_retention_days: Option<u32>,
+    /// `OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS` (default 1; 0 writes a row per hand-out): token
+    /// hand-outs alike within this window are one audit row with a count.
+    pub audit_hand_out_window: std::time::Duration,
     /// Rate limits (`OAUTH_RATE_LIMIT_*`); shared through Redis when `REDIS_URL` is set.
     pub rate_limits: RateLimitSettings,
     /// `OAUTH_CORS_ALLOWED_ORIGINS`: exact origins (`https://app.example.com`, as browsers send
@@ -224,6 +227,9 @@ impl Config {
                 || parse_bool(env, "OAUTH_BACKGROUND_REFRESH")?,
             worker: parse_worker(env)?,
             audit_retention_days: parse_audit_retention(env)?,
+            audit_hand_out_window: std::time::Duration::from_secs(
+                parse_number(env, "OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS", 1, 0..=60)?.unsigned_abs(),
+            ),
             rate_limits: parse_rate_limits(env)?,
             cors_allowed_origins: parse_cors_origins(env)?,
             metrics_addr: parse_metrics_addr(env)?,

@@ -407,18 +407,10 @@ pub async fn fleet(
     };
     let load_for = StdDuration::from_secs(options.seconds);
     let hand_outs = {
-        let (client, urls, auth) = (client.clone(), token_urls.clone(), auth.clone());
+        let (urls, auth) = (token_urls.clone(), auth.clone());
         let connections = options.connections;
         tokio::spawn(async move {
-            closed_loop(
-                &client,
-                &urls,
-                Some(auth),
-                Expect::Token,
-                connections,
-                load_for,
-            )
-            .await
+            closed_loop(&urls, Some(auth), Expect::Token, connections, load_for).await
         })
     };
     let flows = burst(&api, fake, &client, options.flows).await?;

@@ -24,6 +24,7 @@
 #[path = "../../tests/api/support/fake_provider.rs"]
 mod fake_provider;
 mod fleet;
+mod load;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -37,7 +38,7 @@ use chrono::{Duration, Utc};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
-use reqwest::header::{HeaderValue, AUTHORIZATION};
+use reqwest::header::HeaderValue;
 use reqwest::{StatusCode, Url};
 use secrecy::SecretString;
 use serde_json::{json, Value};
@@ -678,58 +679,46 @@ fn check(expect: Expect, status: StatusCode, body: &[u8]) -> Result<(), String> 
     }
 }
 
-async fn one_request(
-    client: &reqwest::Client,
-    url: Url,
-    auth: Option<&HeaderValue>,
-    expect: Expect,
-) -> Result<Bytes, String> {
-    let mut request = client.get(url);
-    if let Some(auth) = auth {
-        request = request.header(AUTHORIZATION, auth.clone());
-    }
-    let response = request
-        .send()
-        .await
-        .map_err(|err| format!("request: {err}"))?;
-    let status = response.status();
-    let body = response
-        .bytes()
-        .await
-        .map_err(|err| format!("body: {err}"))?;
-    check(expect, status, &body)?;
-    Ok(body)
-}
-
-/// `connections` tasks, each looping over `urls` (task `t` takes `t`, `t + connections`, …)
-/// until `duration` has passed; every request's latency is recorded.
+/// `connections` tasks, each on a connection of its own looping over `urls` (task `t` takes
+/// `t`, `t + connections`, …) until `duration` has passed; every request's latency is
+/// recorded. A connection that fails is opened again.
 async fn closed_loop(
-    client: &reqwest::Client,
-    urls: &Arc<Vec<Url>>,
+    urls: &[Url],
     auth: Option<HeaderValue>,
     expect: Expect,
     connections: usize,
     duration: StdDuration,
 ) -> Measured {
+    let target = match load::Target::of(urls) {
+        Ok(target) => Arc::new(target),
+        Err(err) => {
+            return Measured {
+                errors: 1,
+                first_error: Some(err),
+                ..Measured::default()
+            }
+        }
+    };
     let cpu_start = CpuSample::now();
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = JoinSet::new();
     for task in 0..connections {
-        let client = client.clone();
-        let urls = urls.clone();
-        let auth = auth.clone();
+        let (target, auth) = (target.clone(), auth.clone());
         tasks.spawn(async move {
             let mut measured = Measured {
                 latencies: Vec::with_capacity(1 << 14),
                 ..Measured::default()
             };
+            let mut connection = None;
             let mut next = task;
             while Instant::now() < deadline {
-                let url = urls[next % urls.len()].clone();
+                let path = &target.paths[next % target.paths.len()];
                 next += connections;
                 let began = Instant::now();
-                let result = one_request(&client, url, auth.as_ref(), expect).await;
+                let result = request_on(&mut connection, &target, path, auth.as_ref())
+                    .await
+                    .and_then(|(status, body)| check(expect, status, &body));
                 measured.latencies.push(nanos(began.elapsed()));
                 if let Err(err) = result {
                     measured.errors += 1;
@@ -763,6 +752,25 @@ async fn closed_loop(
     total
 }
 
+/// One request on `connection`, opening it first if there is none; a connection that failed
+/// is dropped (the next request opens a new one).
+async fn request_on(
+    connection: &mut Option<load::Connection>,
+    target: &load::Target,
+    path: &hyper::Uri,
+    auth: Option<&HeaderValue>,
+) -> Result<(StatusCode, Bytes), String> {
+    let open = match connection {
+        Some(open) => open,
+        None => connection.insert(load::Connection::open(target.address).await?),
+    };
+    let result = open.get(target, path, auth).await;
+    if result.is_err() {
+        *connection = None;
+    }
+    result
+}
+
 fn nanos(duration: StdDuration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -776,14 +784,8 @@ struct Load {
 }
 
 impl Load {
-    async fn run(
-        &self,
-        client: &reqwest::Client,
-        connections: usize,
-        duration: StdDuration,
-    ) -> Measured {
+    async fn run(&self, connections: usize, duration: StdDuration) -> Measured {
         closed_loop(
-            client,
             &self.urls,
             self.auth.clone(),
             self.expect,
@@ -827,22 +829,18 @@ impl Measured {
 /// Runs the loads in alternating slices (`--rounds` of each, `--seconds` in total per load),
 /// so that a machine getting slower or faster during the run (other tenants, frequency) moves
 /// every load alike and their ratio stays meaningful.
-async fn alternate(client: &reqwest::Client, loads: &[Load], options: &Options) -> Vec<Measured> {
+async fn alternate(loads: &[Load], options: &Options) -> Vec<Measured> {
     if options.warmup > 0 {
         for load in loads {
-            load.run(
-                client,
-                options.connections,
-                StdDuration::from_secs(options.warmup),
-            )
-            .await;
+            load.run(options.connections, StdDuration::from_secs(options.warmup))
+                .await;
         }
     }
     let slice = StdDuration::from_secs(options.seconds) / options.rounds;
     let mut totals: Vec<Measured> = loads.iter().map(|_| Measured::default()).collect();
     for _ in 0..options.rounds {
         for (load, total) in loads.iter().zip(totals.iter_mut()) {
-            total.absorb(load.run(client, options.connections, slice).await);
+            total.absorb(load.run(options.connections, slice).await);
         }
     }
     let totals: Vec<Measured> = totals.into_iter().map(Measured::finish).collect();
@@ -947,21 +945,26 @@ async fn refresh_storm(
     expire(service, id).await?;
     let callers = options.storm;
     // Open the callers' connections first: the storm measures the service, not TCP set-up.
+    let url = Url::parse(&service.url(&format!("/api/v1/oauth/integrations/{id}/token")))?;
     let healthz = Url::parse(&service.url("/healthz"))?;
+    let target = Arc::new(load::Target::of(&[url, healthz]).map_err(|err| anyhow!(err))?);
     let mut warm = JoinSet::new();
     let gate = Arc::new(Barrier::new(callers));
     for _ in 0..callers {
-        let (client, url, gate) = (client.clone(), healthz.clone(), gate.clone());
+        let (target, gate) = (target.clone(), gate.clone());
         warm.spawn(async move {
+            let mut connection = load::Connection::open(target.address).await?;
             gate.wait().await;
-            one_request(&client, url, None, Expect::Healthz)
-                .await
-                .map(|_| ())
+            let (status, body) = connection.get(&target, &target.paths[1], None).await?;
+            check(Expect::Healthz, status, &body)?;
+            Ok::<_, String>(connection)
         });
     }
+    let mut connections = Vec::with_capacity(callers);
     while let Some(done) = warm.join_next().await {
-        if let Err(err) = done? {
-            eprintln!("  warning: storm warm-up request failed: {err}");
+        match done? {
+            Ok(connection) => connections.push(connection),
+            Err(err) => eprintln!("  warning: storm warm-up request failed: {err}"),
         }
     }
 
@@ -971,19 +974,24 @@ async fn refresh_storm(
         Endpoint::Token,
         Fault::Latency(options.provider_latency),
     );
-    let url = Url::parse(&service.url(&format!("/api/v1/oauth/integrations/{id}/token")))?;
     let auth = HeaderValue::from_str(&format!(
         "Bearer {}",
         service.jwt("bench-backend", &["service"])?
     ))?;
-    let gate = Arc::new(Barrier::new(callers + 1));
+    let gate = Arc::new(Barrier::new(connections.len() + 1));
     let mut tasks = JoinSet::new();
-    for _ in 0..callers {
-        let (client, url, auth, gate) = (client.clone(), url.clone(), auth.clone(), gate.clone());
+    for mut connection in connections {
+        let (target, auth, gate) = (target.clone(), auth.clone(), gate.clone());
         tasks.spawn(async move {
             gate.wait().await;
             let began = Instant::now();
-            let result = one_request(&client, url, Some(&auth), Expect::Token).await;
+            let result = connection
+                .get(&target, &target.paths[0], Some(&auth))
+                .await
+                .and_then(|(status, body)| {
+                    check(Expect::Token, status, &body)?;
+                    Ok(body)
+                });
             let latency = began.elapsed();
             let token = result.and_then(|body| {
                 let value: Value = serde_json::from_slice(&body).map_err(|err| err.to_string())?;
@@ -1109,7 +1117,7 @@ async fn run_on(
             expect: Expect::Token,
         },
     ];
-    let mut measured = alternate(&client, &loads, options).await.into_iter();
+    let mut measured = alternate(&loads, options).await.into_iter();
     let healthz = measured.next().unwrap_or_default();
     let token = measured.next().unwrap_or_default();
     let storm = refresh_storm(&service, &fake, &client, options).await?;

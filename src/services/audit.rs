@@ -180,15 +180,18 @@ impl std::fmt::Debug for Salt {
 pub struct AuditChains {
     salt: Arc<OnceCell<Salt>>,
     retention: Option<Duration>,
+    hand_out_window: std::time::Duration,
     writer: AuditWriter,
 }
 
 impl AuditChains {
-    /// `retention_days`: `OAUTH_AUDIT_RETENTION_DAYS` (keep everything when `None`).
-    pub fn new(retention_days: Option<u32>) -> Self {
+    /// `retention_days`: `OAUTH_AUDIT_RETENTION_DAYS` (keep everything when `None`);
+    /// `hand_out_window`: `OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS` (see [`super::audit_tally`]).
+    pub fn new(retention_days: Option<u32>, hand_out_window: std::time::Duration) -> Self {
         Self {
             salt: Arc::default(),
             retention: retention_days.map(|days| Duration::days(i64::from(days))),
+            hand_out_window,
             writer: AuditWriter::default(),
         }
     }
@@ -266,10 +269,15 @@ pub async fn record(ctx: &Context, event: &NewAuditEvent) {
     }
 }
 
-/// Queues `event` for the next group commit without waiting for it: for the token hand-out,
-/// the one event on the hot path (see [`super::audit_writer`] for what a crash can lose).
-pub async fn record_detached(ctx: &Context, event: NewAuditEvent) {
-    if let Err(err) = ctx.audit.writer.enqueue(|| writer_deps(ctx), event).await {
+/// Queues a token hand-out record without waiting for its commit: the one event on the hot
+/// path, coalesced with hand-outs alike (see [`super::audit_writer`] for what a crash can lose).
+pub async fn record_hand_out(ctx: &Context, event: NewAuditEvent) {
+    if let Err(err) = ctx
+        .audit
+        .writer
+        .count_hand_out(|| writer_deps(ctx), event)
+        .await
+    {
         tracing::error!(error = %err, "audit event could not be queued");
     }
 }
@@ -279,6 +287,7 @@ fn writer_deps(ctx: &Context) -> WriterDeps {
         db: ctx.db.clone(),
         salt: ctx.audit.salt.clone(),
         clock: ctx.clock.clone(),
+        hand_out_window: ctx.audit.hand_out_window,
     }
 }
 

@@ -7,12 +7,14 @@
 //!
 //! Two ways in: [`AuditWriter::append`] waits until the event is committed (every event that
 //! changes something: connect, refresh, disconnect, consent, denials …), and
-//! [`AuditWriter::enqueue`] only waits for room in the queue (`token_handed_out`, the one event
-//! per read on the hot path). The queue is bounded, so a slow database slows callers down
-//! instead of growing memory; [`AuditWriter::flush`] waits until everything queued before it is
-//! written (graceful shutdown, and readers of the log that must see their own writes). What a
-//! hard crash can lose is therefore limited to the hand-out records of the last moments
-//! (one batch, typically a few milliseconds).
+//! [`AuditWriter::count_hand_out`] only waits for room in the queue (`token_handed_out`, the one
+//! event per read on the hot path). Hand-outs alike are coalesced for
+//! `OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS` into one row that counts them ([`super::audit_tally`]).
+//! The queue is bounded, so a slow database slows callers down instead of growing memory;
+//! [`AuditWriter::flush`] waits until everything queued before it is written, open counts
+//! included (graceful shutdown, and readers of the log that must see their own writes). What a
+//! hard crash can lose is therefore limited to the hand-out records of the last moments (one
+//! window, or with a window of zero one batch: at most [`LINGER`] plus one commit).
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::audit::{chain_key, row_hash, salt_of, Salt};
+use super::audit_tally::Tally;
 use super::{ServiceError, ServiceResult};
 use crate::clock::SharedClock;
 use crate::storage::audit::{ChainHeads, ChainLink, NewAuditEvent};
@@ -29,11 +32,20 @@ use crate::storage::Database;
 const QUEUE_CAPACITY: usize = 8192;
 /// Events per transaction. Bounded because PostgreSQL takes one advisory lock per chain.
 const MAX_BATCH: usize = 256;
+/// Open hand-out counts at most; past this many they are all written at once.
+const MAX_OPEN_COUNTS: usize = 8192;
+/// How long a batch of only queued events (nobody waits for their commit) waits for more to
+/// share its commit. Each commit costs the database a log flush, so under a stream of
+/// hand-outs this turns hundreds of small commits per second into a few dozen full ones. An
+/// awaited append or a flush ends the wait at once, so it delays no caller.
+const LINGER: Duration = Duration::from_millis(20);
 
 type Ack = oneshot::Sender<Result<i64, String>>;
 
 enum Message {
     Append(Box<NewAuditEvent>, Option<Ack>),
+    /// A hand-out: counted (coalesced) unless the window is zero.
+    Count(Box<NewAuditEvent>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -44,12 +56,13 @@ pub struct AuditWriter {
     queue: Arc<OnceLock<mpsc::Sender<Message>>>,
 }
 
-/// What the writer task needs: the chains' salt, the database and the clock (for the salt's
-/// genesis row on a fresh database).
+/// What the writer task needs: the chains' salt, the database, the clock (for the salt's
+/// genesis row on a fresh database) and the hand-out window.
 pub struct WriterDeps {
     pub db: Database,
     pub salt: Arc<tokio::sync::OnceCell<Salt>>,
     pub clock: SharedClock,
+    pub hand_out_window: Duration,
 }
 
 impl AuditWriter {
@@ -67,14 +80,14 @@ impl AuditWriter {
             .map_err(|err| ServiceError::Internal(format!("audit write failed: {err}")))
     }
 
-    /// Queues `event` without waiting for its commit (it is written within one batch).
-    pub async fn enqueue(
+    /// Queues the hand-out record `event` without waiting for its commit: it is counted with
+    /// hand-outs alike and written when its window ends (at once with a window of zero).
+    pub async fn count_hand_out(
         &self,
         deps: impl FnOnce() -> WriterDeps,
         event: NewAuditEvent,
     ) -> ServiceResult<()> {
-        self.send(deps, Message::Append(Box::new(event), None))
-            .await
+        self.send(deps, Message::Count(Box::new(event))).await
     }
 
     /// Waits until every event queued before this call has been written (or failed).
@@ -111,38 +124,132 @@ const HEADS_KEPT_AT_MOST: usize = 50_000;
 
 async fn run(mut receiver: mpsc::Receiver<Message>, deps: WriterDeps) {
     let mut messages = Vec::with_capacity(MAX_BATCH);
+    let mut tally = Tally::new(deps.hand_out_window);
     let mut heads = ChainHeads::new();
     let mut heads_since = Instant::now();
-    while receiver.recv_many(&mut messages, MAX_BATCH).await > 0 {
+    loop {
+        let open = receive(&mut receiver, &mut messages, tally.next_due()).await;
+        if !messages.is_empty() {
+            linger(&mut receiver, &mut messages).await;
+        }
         if heads_since.elapsed() > HEADS_KEPT_FOR || heads.len() > HEADS_KEPT_AT_MOST {
             heads.clear();
             heads_since = Instant::now();
         }
-        write_batch(&deps, &mut heads, std::mem::take(&mut messages)).await;
+        let batch = Batch::of(std::mem::take(&mut messages), &mut tally, !open);
+        write_batch(&deps, &mut heads, batch).await;
+        if !open {
+            return;
+        }
     }
 }
 
-/// Writes the appends of `messages` in one transaction, then answers everyone: appenders with
-/// their row id (or the error), flushes once everything before them is written.
-async fn write_batch(deps: &WriterDeps, heads: &mut ChainHeads, messages: Vec<Message>) {
-    let mut events = Vec::with_capacity(messages.len());
-    let mut acks = Vec::with_capacity(messages.len());
-    let mut flushes = Vec::new();
-    for message in messages {
-        match message {
-            Message::Append(event, ack) => {
-                events.push(*event);
-                acks.push(ack);
+/// Waits for messages until the oldest open count falls due; false once every sender is gone.
+async fn receive(
+    receiver: &mut mpsc::Receiver<Message>,
+    messages: &mut Vec<Message>,
+    due: Option<Instant>,
+) -> bool {
+    let received = receiver.recv_many(messages, MAX_BATCH);
+    match due {
+        None => received.await > 0,
+        Some(due) => match tokio::time::timeout_at(due.into(), received).await {
+            Ok(count) => count > 0,
+            Err(_elapsed) => true,
+        },
+    }
+}
+
+/// What one pass writes: the events (counts that fell due first, being older), whom to answer.
+struct Batch {
+    events: Vec<NewAuditEvent>,
+    acks: Vec<Option<Ack>>,
+    flushes: Vec<oneshot::Sender<()>>,
+}
+
+impl Batch {
+    /// Sorts `messages` into a batch, counting hand-outs in `tally`; everything open is taken
+    /// on a flush, on shutdown (`closing`) or when too much is open.
+    fn of(messages: Vec<Message>, tally: &mut Tally, closing: bool) -> Self {
+        let mut fresh = Vec::with_capacity(messages.len());
+        let mut acks = Vec::with_capacity(messages.len());
+        let mut flushes = Vec::new();
+        let window_is_zero = tally.window().is_zero();
+        let now = Instant::now();
+        for message in messages {
+            match message {
+                Message::Append(event, ack) => {
+                    fresh.push(*event);
+                    acks.push(ack);
+                }
+                Message::Count(event) if window_is_zero => {
+                    fresh.push(*event);
+                    acks.push(None);
+                }
+                Message::Count(event) => tally.add(*event, now),
+                Message::Flush(ack) => flushes.push(ack),
             }
-            Message::Flush(ack) => flushes.push(ack),
+        }
+        let take_all = closing || !flushes.is_empty() || tally.len() > MAX_OPEN_COUNTS;
+        let mut events = if take_all {
+            tally.take_all()
+        } else {
+            tally.take_due(now)
+        };
+        let mut all_acks: Vec<Option<Ack>> =
+            std::iter::repeat_with(|| None).take(events.len()).collect();
+        events.append(&mut fresh);
+        all_acks.append(&mut acks);
+        Self {
+            events,
+            acks: all_acks,
+            flushes,
         }
     }
-    if !events.is_empty() {
-        let result = commit(deps, heads, events).await;
-        if let Err(err) = &result {
-            tracing::error!(error = %err, events = acks.len(), "audit events could not be written");
+}
+
+/// Lets a batch of queued events gather more for up to [`LINGER`], unless it is full or
+/// someone waits for it.
+async fn linger(receiver: &mut mpsc::Receiver<Message>, messages: &mut Vec<Message>) {
+    let deadline = tokio::time::Instant::now() + LINGER;
+    let mut checked = 0;
+    while messages.len() < MAX_BATCH && !messages[checked..].iter().any(Message::is_awaited) {
+        checked = messages.len();
+        let room = MAX_BATCH - messages.len();
+        match tokio::time::timeout_at(deadline, receiver.recv_many(messages, room)).await {
+            Ok(received) if received > 0 => {}
+            _ => return,
         }
-        for (index, ack) in acks.into_iter().enumerate() {
+    }
+}
+
+impl Message {
+    fn is_awaited(&self) -> bool {
+        match self {
+            Message::Append(_, ack) => ack.is_some(),
+            Message::Count(_) => false,
+            Message::Flush(_) => true,
+        }
+    }
+}
+
+/// Writes the batch's events (one transaction per [`MAX_BATCH`]), then answers everyone:
+/// appenders with their row id (or the error), flushes once everything before them is written.
+async fn write_batch(deps: &WriterDeps, heads: &mut ChainHeads, batch: Batch) {
+    let Batch {
+        mut events,
+        acks,
+        flushes,
+    } = batch;
+    let mut acks = acks.into_iter();
+    while !events.is_empty() {
+        let rest = events.split_off(events.len().min(MAX_BATCH));
+        let written = events.len();
+        let result = commit(deps, heads, std::mem::replace(&mut events, rest)).await;
+        if let Err(err) = &result {
+            tracing::error!(error = %err, events = written, "audit events could not be written");
+        }
+        for (index, ack) in acks.by_ref().take(written).enumerate() {
             if let Some(ack) = ack {
                 let answer = match &result {
                     Ok(ids) => ids

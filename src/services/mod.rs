@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod audit_log;
+pub mod audit_tally;
 pub mod audit_writer;
 pub mod catalog;
 pub mod consents;

@@ -98,6 +98,22 @@ impl Flights {
         crate::metrics::single_flight_lock(&lock);
         lock.lock_owned().await
     }
+
+    /// Waits for the refresh of `id` running in this process, if there is one; says whether
+    /// there was.
+    pub async fn wait_for_running(&self, id: Uuid) -> bool {
+        let running = {
+            let locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+            locks.get(&id).and_then(Weak::upgrade)
+        };
+        match running {
+            Some(lock) => {
+                drop(lock.lock().await);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// Why a refresh is wanted.
@@ -127,8 +143,14 @@ pub async fn access_token(
     id: Uuid,
     client: &RequestContext,
 ) -> ServiceResult<IssuedToken> {
-    if let Some(issued) = cached_token(ctx, actor, id) {
-        audit::record_detached(
+    let mut cached = cached_token(ctx, actor, id);
+    // A refresh of this token is under way here: its result will be in the cache, so waiting
+    // for it costs no database read (a storm of callers on an expired token waits in memory).
+    if cached.is_none() && ctx.flights.wait_for_running(id).await {
+        cached = cached_token(ctx, actor, id);
+    }
+    if let Some(issued) = cached {
+        audit::record_hand_out(
             ctx,
             handed_out(ctx, actor, &issued.integration, Outcome::Success, client),
         )
@@ -149,7 +171,7 @@ pub async fn access_token(
     } else {
         Outcome::Failure
     };
-    audit::record_detached(ctx, handed_out(ctx, actor, &integration, outcome, client)).await;
+    audit::record_hand_out(ctx, handed_out(ctx, actor, &integration, outcome, client)).await;
     let tokens = result?;
     Ok(IssuedToken {
         access_token: tokens.access_token,

@@ -204,13 +204,125 @@ const INSERT_COLUMNS: &str = "occurred_at, actor_user_id, subject_user_id, integ
     provider, action, outcome, reason, request_id, client_ip, user_agent, details, chain, \
     chain_seq, prev_hash, row_hash";
 const INSERT_COLUMN_COUNT: usize = 16;
-/// Rows per multi-row INSERT (16 parameters each: far below both servers' limits).
-const INSERT_CHUNK: usize = 256;
+/// Rows per multi-row INSERT on SQLite. Small on purpose: binding costs sqlx time linear in
+/// the statement's parameter count *per parameter* (it looks each one's name up, and SQLite
+/// walks a list for that), so a statement of n rows costs O(n²). At 256 rows that lookup was a
+/// quarter of the process's CPU under hand-out load; at 16 rows (256 parameters) it is noise.
+const SQLITE_INSERT_CHUNK: usize = 16;
 
 /// The head of each chain (`chain_seq`, `row_hash`) as a writer remembers it between batches.
 /// A remembered head that another writer has moved on makes the next append collide on the
 /// unique `(chain, chain_seq)` index; the writer then forgets its heads and retries.
 pub type ChainHeads = HashMap<String, (i64, Vec<u8>)>;
+
+/// A chained row ready to insert: chain, event, position, previous hash, own hash.
+type ChainedRow<'a> = (&'a str, &'a NewAuditEvent, i64, Vec<u8>, Vec<u8>);
+
+/// One statement inserting many chained rows, answering `(id, chain, chain_seq)` per row.
+/// Each driver has its own form: PostgreSQL one fixed statement over arrays (parsed and
+/// planned once per connection, whatever the batch size); SQLite a multi-row `VALUES`.
+trait InsertChainedRows {
+    async fn insert_chained_rows(
+        self,
+        rows: &[ChainedRow<'_>],
+    ) -> StorageResult<Vec<(i64, String, i64)>>;
+}
+
+/// `INSERT … SELECT … FROM unnest(arrays)`: one statement text for every batch size, so the
+/// connection's prepared statement serves every batch (a `VALUES` list of a new length is a
+/// new statement to parse and plan, which cost PostgreSQL more than the inserts themselves).
+const PG_UNNEST_INSERT_SQL: &str = "INSERT INTO oauth_audit_log (occurred_at, actor_user_id, \
+    subject_user_id, integration_id, provider, action, outcome, reason, request_id, client_ip, \
+    user_agent, details, chain, chain_seq, prev_hash, row_hash) \
+    SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::uuid[], $5::text[], \
+    $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::jsonb[], \
+    $13::text[], $14::int8[], $15::bytea[], $16::bytea[]) \
+    RETURNING id, chain, chain_seq";
+
+impl InsertChainedRows for &mut sqlx::PgConnection {
+    async fn insert_chained_rows(
+        self,
+        rows: &[ChainedRow<'_>],
+    ) -> StorageResult<Vec<(i64, String, i64)>> {
+        let column = |pick: fn(&NewAuditEvent) -> Option<&str>| -> Vec<Option<&str>> {
+            rows.iter().map(|(_, event, ..)| pick(event)).collect()
+        };
+        let inserted = sqlx::query_as(PG_UNNEST_INSERT_SQL)
+            .bind(
+                rows.iter()
+                    .map(|(_, e, ..)| e.occurred_at)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(column(|e| e.actor_user_id.as_deref()))
+            .bind(column(|e| e.subject_user_id.as_deref()))
+            .bind(
+                rows.iter()
+                    .map(|(_, e, ..)| e.integration_id)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(column(|e| e.provider.as_deref()))
+            .bind(column(|e| Some(e.action.as_str())))
+            .bind(column(|e| Some(e.outcome.as_str())))
+            .bind(column(|e| e.reason.as_deref()))
+            .bind(column(|e| e.request_id.as_deref()))
+            .bind(column(|e| e.client_ip.as_deref()))
+            .bind(column(|e| e.user_agent.as_deref()))
+            .bind(
+                rows.iter()
+                    .map(|(_, e, ..)| Json(&e.details))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rows.iter().map(|(chain, ..)| *chain).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(_, _, seq, ..)| *seq).collect::<Vec<_>>())
+            .bind(
+                rows.iter()
+                    .map(|(.., prev, _)| prev.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|(.., hash)| hash.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(self)
+            .await?;
+        Ok(inserted)
+    }
+}
+
+impl InsertChainedRows for &mut sqlx::SqliteConnection {
+    async fn insert_chained_rows(
+        self,
+        rows: &[ChainedRow<'_>],
+    ) -> StorageResult<Vec<(i64, String, i64)>> {
+        let mut inserted = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(SQLITE_INSERT_CHUNK) {
+            let sql = multi_row_insert_sql(chunk.len());
+            let mut query = sqlx::query_as::<_, (i64, String, i64)>(&sql);
+            for (chain, event, seq, prev_hash, row_hash) in chunk {
+                query = query
+                    .bind(event.occurred_at)
+                    .bind(&event.actor_user_id)
+                    .bind(&event.subject_user_id)
+                    .bind(event.integration_id)
+                    .bind(&event.provider)
+                    .bind(&event.action)
+                    .bind(event.outcome.as_str())
+                    .bind(&event.reason)
+                    .bind(&event.request_id)
+                    .bind(&event.client_ip)
+                    .bind(&event.user_agent)
+                    .bind(Json(&event.details))
+                    .bind(*chain)
+                    .bind(*seq)
+                    .bind(prev_hash)
+                    .bind(row_hash);
+            }
+            inserted.extend(query.fetch_all(&mut *self).await?);
+        }
+        Ok(inserted)
+    }
+}
 
 /// `INSERT … VALUES (…), (…) … RETURNING id, chain, chain_seq` for `rows` rows.
 fn multi_row_insert_sql(rows: usize) -> String {
@@ -391,31 +503,8 @@ impl Database {
                 rows.push((chain.as_str(), event, seq, prev_hash, row_hash));
             }
             let mut ids_by_position: HashMap<(String, i64), i64> = HashMap::with_capacity(rows.len());
-            for chunk in rows.chunks(INSERT_CHUNK) {
-                let sql = multi_row_insert_sql(chunk.len());
-                let mut query = sqlx::query_as::<_, (i64, String, i64)>(&sql);
-                for (chain, event, seq, prev_hash, row_hash) in chunk {
-                    query = query
-                        .bind(event.occurred_at)
-                        .bind(&event.actor_user_id)
-                        .bind(&event.subject_user_id)
-                        .bind(event.integration_id)
-                        .bind(&event.provider)
-                        .bind(&event.action)
-                        .bind(event.outcome.as_str())
-                        .bind(&event.reason)
-                        .bind(&event.request_id)
-                        .bind(&event.client_ip)
-                        .bind(&event.user_agent)
-                        .bind(Json(&event.details))
-                        .bind(*chain)
-                        .bind(*seq)
-                        .bind(prev_hash)
-                        .bind(row_hash);
-                }
-                for (id, chain, seq) in query.fetch_all(&mut *tx).await? {
-                    ids_by_position.insert((chain, seq), id);
-                }
+            for (id, chain, seq) in (&mut *tx).insert_chained_rows(&rows).await? {
+                ids_by_position.insert((chain, seq), id);
             }
             // RETURNING gives no order guarantee: rows are matched by their chain position.
             let ids = rows

@@ -46,26 +46,43 @@ impl Database {
             "INSERT INTO oauth_state ({INSERT_COLUMNS}) VALUES \
              ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
         );
-        with_pool!(self, pool => sqlx::query(&sql)
-            .bind(pending.id)
-            .bind(&pending.state_hash)
-            .bind(&pending.user_id)
-            .bind(&pending.provider)
-            .bind(&pending.redirect_uri)
-            .bind(&pending.requested_scopes)
-            .bind(pending.integration_id)
-            .bind(&pending.return_to)
-            .bind(&pending.key_id)
-            .bind(&pending.pkce_verifier)
-            .bind(&pending.nonce)
-            .bind(&pending.client_ip)
-            .bind(&pending.user_agent)
-            .bind(pending.created_at)
-            .bind(pending.expires_at)
-            .bind(pending.used_at)
-            .execute(pool)
-            .await
-            .map(|_| ()))?;
+        macro_rules! bound {
+            ($query:expr) => {
+                $query
+                    .bind(pending.id)
+                    .bind(&pending.state_hash)
+                    .bind(&pending.user_id)
+                    .bind(&pending.provider)
+                    .bind(&pending.redirect_uri)
+                    .bind(&pending.requested_scopes)
+                    .bind(pending.integration_id)
+                    .bind(&pending.return_to)
+                    .bind(&pending.key_id)
+                    .bind(&pending.pkce_verifier)
+                    .bind(&pending.nonce)
+                    .bind(&pending.client_ip)
+                    .bind(&pending.user_agent)
+                    .bind(pending.created_at)
+                    .bind(pending.expires_at)
+                    .bind(pending.used_at)
+            };
+        }
+        match self {
+            Database::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                // A state row guards one sign-in for minutes; if a server crash loses it, that
+                // sign-in's callback finds no state and fails closed, and the user starts
+                // again. Not worth a log flush of its own, which was most of authorize's time.
+                sqlx::query("SET LOCAL synchronous_commit = off")
+                    .execute(&mut *tx)
+                    .await?;
+                bound!(sqlx::query(&sql)).execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+            Database::Sqlite(pool) => {
+                bound!(sqlx::query(&sql)).execute(pool).await?;
+            }
+        }
         Ok(())
     }
 

@@ -7,6 +7,8 @@ use std::time::Duration as StdDuration;
 use serde_json::Value;
 
 use crate::lifecycle::{connected, get_token};
+use oauth_manager::storage::audit::AuditEvent;
+
 use crate::support::{audit_events, problem, spawn_with_fake_and, TestApp};
 
 async fn hand_out_status(app: &TestApp, id: &str) -> u16 {
@@ -99,10 +101,8 @@ async fn a_cached_token_is_only_handed_to_callers_who_may_read_it() {
     );
 }
 
-#[tokio::test]
-async fn every_concurrent_hand_out_is_audited_once_in_intact_chains() {
-    let (app, fake) = spawn_with_fake_and(&[]).await;
-    let id = connected(&app, &fake, "google", "g-1").await;
+/// 64 concurrent hand-outs by one backend; the hand-out rows written for them.
+async fn hand_out_rows_of_64_concurrent(app: &TestApp, id: &str) -> Vec<AuditEvent> {
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..64 {
         let (http, url, token) = (
@@ -118,22 +118,71 @@ async fn every_concurrent_hand_out_is_audited_once_in_intact_chains() {
     while let Some(status) = calls.join_next().await {
         assert_eq!(status.expect("task"), 200);
     }
-    let events = audit_events(&app, Some("alice")).await;
-    let handed_out = events
-        .items
-        .iter()
-        .filter(|event| event.action == "token_handed_out")
-        .count();
-    assert_eq!(handed_out, 64);
+    let events = audit_events(app, Some("alice")).await;
     let report = oauth_manager::services::audit::verify(&app.db)
         .await
         .expect("verify");
     assert!(report.is_ok(), "{:?}", report.first_problem);
+    events
+        .items
+        .into_iter()
+        .filter(|event| event.action == "token_handed_out")
+        .collect()
+}
+
+#[tokio::test]
+async fn concurrent_hand_outs_alike_are_counted_in_one_row_in_intact_chains() {
+    let (app, fake) = spawn_with_fake_and(&[]).await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    let rows = hand_out_rows_of_64_concurrent(&app, &id).await;
+    // Usually one row; two if the 1 s window ended while the calls were under way.
+    assert!(
+        (1..=2).contains(&rows.len()),
+        "{} rows for 64 hand-outs",
+        rows.len()
+    );
+    let counted: u64 = rows
+        .iter()
+        .map(|row| row.details["count"].as_u64().expect("count"))
+        .sum();
+    assert_eq!(counted, 64, "every hand-out is counted");
+    for row in &rows {
+        assert_eq!(row.actor_user_id.as_deref(), Some("backend"), "to whom");
+        assert!(row.details["last_at"].is_string());
+        assert!(!row.details["request_ids"]
+            .as_array()
+            .expect("ids")
+            .is_empty());
+    }
+}
+
+#[tokio::test]
+async fn with_a_window_of_zero_every_concurrent_hand_out_has_a_row_of_its_own() {
+    let (app, fake) = spawn_with_fake_and(&[("OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS", "0")]).await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    let rows = hand_out_rows_of_64_concurrent(&app, &id).await;
+    assert_eq!(rows.len(), 64);
+    assert!(rows.iter().all(|row| row.details.get("count").is_none()));
+    let request_ids: std::collections::HashSet<_> =
+        rows.iter().map(|row| row.request_id.clone()).collect();
+    assert_eq!(request_ids.len(), 64, "one row per request");
 }
 
 #[tokio::test]
 async fn erasure_also_pseudonymises_hand_out_events_still_queued() {
-    let (app, fake) = spawn_with_fake_and(&[]).await;
+    erasure_covers_unwritten_hand_outs("0", 100).await;
+}
+
+#[tokio::test]
+async fn erasure_also_pseudonymises_hand_out_counts_still_open() {
+    erasure_covers_unwritten_hand_outs("60", 1).await;
+}
+
+/// 100 hand-outs, then alice's erasure at once: no row may still name her, and at least
+/// `rows` rows were pseudonymised (a row each with a window of zero, one count otherwise).
+async fn erasure_covers_unwritten_hand_outs(window_seconds: &str, rows: u64) {
+    let (app, fake) =
+        spawn_with_fake_and(&[("OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS", window_seconds)]).await;
     let id = connected(&app, &fake, "google", "g-1").await;
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..100 {
@@ -154,7 +203,7 @@ async fn erasure_also_pseudonymises_hand_out_events_still_queued() {
         .expect("erase");
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.expect("json");
-    assert!(body["audit_rows_pseudonymised"].as_u64().unwrap_or(0) >= 100);
+    assert!(body["audit_rows_pseudonymised"].as_u64().unwrap_or(0) >= rows);
     let events = audit_events(&app, Some("alice")).await;
     assert!(
         events.items.is_empty(),
