@@ -8,9 +8,23 @@
 //! expires: that is the bound on how long a replica may keep handing out a token another one
 //! has just disconnected (SECURITY.md). Entries hold the decrypted token set, as every request
 //! handling it does; they are zeroized when dropped (`SecretString`).
+//!
+//! **Refresh ahead.** An entry past half its lifetime is re-read in the background after the
+//! first hand-out that sees it (once per entry; entries due together are re-read together, one
+//! query per table), while hand-outs go on taking it from memory. So
+//! a token in steady use is never a miss: no hand-out waits for the database, which on a busy
+//! machine is a wait for the database server to get a core (the hand-out p99 on PostgreSQL in
+//! BENCHMARKS.md). Staleness stays bounded by the lifetime: an entry is only ever served within
+//! it, and the re-read replaces it with one read after the change it might have missed.
+//!
+//! **No resurrection.** A read that started before a change this process makes (disconnect,
+//! reconnect, erasure) must not put the old state back after the change dropped it. Every
+//! `forget` moves an epoch on; a read notes the epoch before it starts and its result is kept
+//! only if the epoch has not moved ([`TokenCache::put_read`]).
 
-use std::sync::Arc;
-use std::time::Duration as StdDuration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration as StdDuration, Instant};
 
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
@@ -29,12 +43,25 @@ pub struct CachedTokens {
     pub tokens: TokenSet,
     /// When this token set was stored (the start of its lifetime for the refresh margin).
     pub stored_at: DateTime<Utc>,
+    /// When this entry was read (or refreshed) here.
+    read_at: Instant,
+    /// Set by the hand-out that started this entry's re-read.
+    revalidating: AtomicBool,
 }
 
 #[derive(Clone)]
 pub struct TokenCache {
     entries: Option<moka::sync::Cache<Uuid, Arc<CachedTokens>>>,
+    ttl: StdDuration,
+    /// Moved on by every `forget`: reads that began before it keep nothing.
+    epoch: Arc<AtomicU64>,
+    /// Entries claimed for a re-read, gathered so that one pair of queries re-reads them all.
+    revalidations: Arc<Mutex<Vec<Uuid>>>,
 }
+
+/// Where a read for the cache began (see [`TokenCache::put_read`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadStart(u64);
 
 impl std::fmt::Debug for TokenCache {
     // Never the entries: they hold tokens.
@@ -48,17 +75,71 @@ impl std::fmt::Debug for TokenCache {
 impl TokenCache {
     /// A cache whose entries live `ttl` (none at all when `ttl` is zero or negative).
     pub fn new(ttl: Duration) -> Self {
-        let entries = ttl
-            .to_std()
-            .ok()
-            .filter(|ttl| *ttl > StdDuration::ZERO)
-            .map(|ttl| {
-                moka::sync::Cache::builder()
-                    .max_capacity(CAPACITY)
-                    .time_to_live(ttl)
-                    .build()
-            });
-        Self { entries }
+        let ttl = ttl.to_std().unwrap_or(StdDuration::ZERO);
+        let entries = (ttl > StdDuration::ZERO).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(CAPACITY)
+                .time_to_live(ttl)
+                .build()
+        });
+        Self {
+            entries,
+            ttl,
+            epoch: Arc::default(),
+            revalidations: Arc::default(),
+        }
+    }
+
+    /// Queues `id` for the next batched re-read; true for the caller that should start that
+    /// batch (the queue was empty).
+    pub fn queue_revalidation(&self, id: Uuid) -> bool {
+        let mut queued = self
+            .revalidations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        queued.push(id);
+        queued.len() == 1
+    }
+
+    /// The ids queued for a re-read, emptying the queue.
+    pub fn take_revalidations(&self) -> Vec<Uuid> {
+        std::mem::take(
+            &mut *self
+                .revalidations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Notes the epoch before a read whose result may go into the cache.
+    pub fn read_start(&self) -> ReadStart {
+        ReadStart(self.epoch.load(Ordering::Acquire))
+    }
+
+    /// Whether the caller that got `entry` should re-read it now: past half its lifetime,
+    /// and nobody re-reading it yet (true for one caller only).
+    pub fn claim_revalidation(&self, entry: &CachedTokens) -> bool {
+        entry.read_at.elapsed() >= self.ttl / 2 && !entry.revalidating.swap(true, Ordering::AcqRel)
+    }
+
+    /// [`TokenCache::put`] for what a read begun at `start` found, unless something was
+    /// forgotten since (the read may predate that change).
+    pub fn put_read(
+        &self,
+        start: ReadStart,
+        integration: &Integration,
+        tokens: &TokenSet,
+        stored_at: DateTime<Utc>,
+    ) {
+        if self.read_start().0 != start.0 {
+            return;
+        }
+        self.put(integration, tokens, stored_at);
+        // A forget between the check and the insert: undo the insert (forget moves the epoch
+        // before it drops the entry, so one of the two always sees the other).
+        if self.read_start().0 != start.0 {
+            self.drop_entry(integration.id);
+        }
     }
 
     pub fn get(&self, id: Uuid) -> Option<Arc<CachedTokens>> {
@@ -76,6 +157,8 @@ impl TokenCache {
                     integration: integration.clone(),
                     tokens: tokens.clone(),
                     stored_at,
+                    read_at: Instant::now(),
+                    revalidating: AtomicBool::new(false),
                 };
                 entries.insert(integration.id, Arc::new(entry));
             }
@@ -86,6 +169,11 @@ impl TokenCache {
     }
 
     pub fn forget(&self, id: Uuid) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.drop_entry(id);
+    }
+
+    fn drop_entry(&self, id: Uuid) {
         if let Some(entries) = &self.entries {
             entries.invalidate(&id);
         }
@@ -93,6 +181,7 @@ impl TokenCache {
 
     /// Drops every entry (erasure: rare, and simpler than finding one user's entries).
     pub fn forget_all(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         if let Some(entries) = &self.entries {
             entries.invalidate_all();
         }
@@ -169,6 +258,41 @@ mod tests {
         let on = TokenCache::new(Duration::seconds(5));
         on.put(&active, &tokens("secret-access"), Utc::now());
         assert!(!format!("{on:?}").contains("secret-access"));
+    }
+
+    #[test]
+    fn a_read_begun_before_a_forget_puts_nothing_back() {
+        let cache = TokenCache::new(Duration::seconds(5));
+        let active = integration(IntegrationStatus::Active);
+        let before = cache.read_start();
+        cache.forget(active.id); // a disconnect committed while the read was under way
+        cache.put_read(before, &active, &tokens("stale"), Utc::now());
+        assert!(cache.get(active.id).is_none(), "the old state came back");
+        let after = cache.read_start();
+        cache.put_read(after, &active, &tokens("fresh"), Utc::now());
+        assert!(cache.get(active.id).is_some());
+    }
+
+    #[test]
+    fn one_caller_re_reads_an_entry_past_half_its_lifetime() {
+        let cache = TokenCache::new(Duration::milliseconds(400));
+        let active = integration(IntegrationStatus::Active);
+        cache.put(&active, &tokens("a1"), Utc::now());
+        let young = cache.get(active.id).expect("cached");
+        assert!(!cache.claim_revalidation(&young), "too young to re-read");
+        std::thread::sleep(StdDuration::from_millis(220));
+        let old = cache.get(active.id).expect("still cached");
+        assert!(cache.claim_revalidation(&old));
+        assert!(
+            !cache.claim_revalidation(&old),
+            "only one re-read per entry"
+        );
+        cache.put(&active, &tokens("a2"), Utc::now());
+        let replaced = cache.get(active.id).expect("cached");
+        assert!(
+            !cache.claim_revalidation(&replaced),
+            "the re-read entry starts afresh"
+        );
     }
 
     #[test]

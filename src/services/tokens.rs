@@ -34,7 +34,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 use super::audit::{self, RequestContext};
-use super::token_cache::CachedTokens;
+use super::token_cache::{CachedTokens, ReadStart};
 use super::vault::{TokenOwner, TokenSet};
 use super::{integrations, Context, ServiceError, ServiceResult};
 use crate::auth::rbac::{Actor, ReadTokens, RequiredPermission};
@@ -157,6 +157,7 @@ pub async fn access_token(
         .await;
         return Ok(issued);
     }
+    let start = ctx.tokens_cache.read_start();
     let integration = integrations::visible(ctx, actor, id, client).await?;
     let result = usable_tokens(
         ctx,
@@ -164,6 +165,7 @@ pub async fn access_token(
         Trigger::OnDemand,
         actor.user_id(),
         client,
+        start,
     )
     .await;
     let outcome = if result.is_ok() {
@@ -186,14 +188,80 @@ pub async fn access_token(
 /// full path, which also audits refusals.
 fn cached_token(ctx: &Context, actor: &Actor<ReadTokens>, id: Uuid) -> Option<IssuedToken> {
     let cached = fresh_in_cache(ctx, id, &Trigger::OnDemand)?;
-    actor
-        .can_access(&cached.integration.user_id)
-        .then(|| IssuedToken {
-            access_token: cached.tokens.access_token.clone(),
-            token_type: cached.tokens.token_type.clone(),
-            expires_at: cached.tokens.expires_at,
-            integration: cached.integration.clone(),
+    if !actor.can_access(&cached.integration.user_id) {
+        return None;
+    }
+    if ctx.tokens_cache.claim_revalidation(&cached) && ctx.tokens_cache.queue_revalidation(id) {
+        tokio::spawn(revalidate_queued(ctx.clone()));
+    }
+    Some(IssuedToken {
+        access_token: cached.tokens.access_token.clone(),
+        token_type: cached.tokens.token_type.clone(),
+        expires_at: cached.tokens.expires_at,
+        integration: cached.integration.clone(),
+    })
+}
+
+/// How long a batch of re-reads gathers before it reads.
+const REVALIDATION_GATHER: StdDuration = StdDuration::from_millis(20);
+
+/// Re-reads the cached entries queued for it, in the background (refresh ahead, see
+/// [`super::token_cache`]). A token still good goes back in with a new lifetime; an
+/// integration that can no longer hand out tokens is dropped, one gone entirely forgotten. A
+/// token now due for refresh is left: the next hand-out finds it due and takes the full path.
+async fn revalidate_queued(ctx: Context) {
+    tokio::time::sleep(REVALIDATION_GATHER).await;
+    let ids = ctx.tokens_cache.take_revalidations();
+    let start = ctx.tokens_cache.read_start();
+    let current = match read_current(&ctx, &ids).await {
+        Ok(current) => current,
+        Err(err) => {
+            tracing::debug!(error = %err, "cached tokens not re-read; they expire as usual");
+            return;
+        }
+    };
+    let now = ctx.clock.now();
+    for id in ids {
+        match current.get(&id) {
+            Some((integration, Ok((tokens, stored_at)))) => {
+                if !needs_refresh(&Trigger::OnDemand, tokens, *stored_at, now, &ctx.lifecycle) {
+                    ctx.tokens_cache
+                        .put_read(start, integration, tokens, *stored_at);
+                }
+            }
+            Some((_, Err(err))) => {
+                tracing::warn!(error = %err, %id, "stored tokens could not be opened");
+                ctx.tokens_cache.forget(id);
+            }
+            None => ctx.tokens_cache.forget(id),
+        }
+    }
+}
+
+type Current = HashMap<Uuid, (Integration, ServiceResult<(TokenSet, DateTime<Utc>)>)>;
+
+/// The integrations among `ids` that have tokens, with their tokens opened (two queries).
+async fn read_current(ctx: &Context, ids: &[Uuid]) -> ServiceResult<Current> {
+    let mut integrations: HashMap<Uuid, Integration> = ctx
+        .db
+        .get_integrations(ids)
+        .await?
+        .into_iter()
+        .map(|integration| (integration.id, integration))
+        .collect();
+    let tokens = ctx.db.get_tokens_of(ids).await?;
+    Ok(tokens
+        .into_iter()
+        .filter_map(|sealed| {
+            let integration = integrations.remove(&sealed.integration_id)?;
+            let opened = ctx
+                .vault
+                .open(&integration.user_id, &sealed)
+                .map(|tokens| (tokens, sealed.updated_at))
+                .map_err(ServiceError::from);
+            Some((integration.id, (integration, opened)))
         })
+        .collect())
 }
 
 /// The cached token set of `id`, if it satisfies `trigger` as it stands.
@@ -239,6 +307,7 @@ pub async fn refresh_now<P: RequiredPermission>(
     rejected: Option<SecretString>,
     client: &RequestContext,
 ) -> ServiceResult<(Integration, TokenSet)> {
+    let start = ctx.tokens_cache.read_start();
     let integration = integrations::visible(ctx, actor, id, client).await?;
     let tokens = usable_tokens(
         ctx,
@@ -248,6 +317,7 @@ pub async fn refresh_now<P: RequiredPermission>(
         },
         actor.user_id(),
         client,
+        start,
     )
     .await?;
     let integration = ctx
@@ -264,13 +334,14 @@ async fn usable_tokens(
     trigger: Trigger,
     actor: &str,
     client: &RequestContext,
+    start: ReadStart,
 ) -> ServiceResult<TokenSet> {
     match integration.status {
         IntegrationStatus::Revoked => return Err(ServiceError::IntegrationRevoked),
         IntegrationStatus::NeedsReauth => return Err(reauth(integration)),
         IntegrationStatus::Active | IntegrationStatus::Error => {}
     }
-    ensure_fresh(ctx, integration, trigger, actor, client).await
+    ensure_fresh(ctx, integration, trigger, actor, client, start).await
 }
 
 fn reauth(integration: &Integration) -> ServiceError {
@@ -284,12 +355,14 @@ fn reauth(integration: &Integration) -> ServiceError {
 /// A token that needs nothing is returned without any lock. Otherwise the work runs in a
 /// detached task: a caller that goes away (client disconnect, request timeout) must not abort
 /// a refresh the provider may already have answered, or the rotated refresh token would be lost.
+/// `start`: where the caller's reads began (before it read `integration`), for the cache.
 pub async fn ensure_fresh(
     ctx: &Context,
     integration: &Integration,
     trigger: Trigger,
     actor: &str,
     client: &RequestContext,
+    start: ReadStart,
 ) -> ServiceResult<TokenSet> {
     let sealed = ctx
         .db
@@ -305,7 +378,7 @@ pub async fn ensure_fresh(
         &ctx.lifecycle,
     ) {
         ctx.tokens_cache
-            .put(integration, &current, sealed.updated_at);
+            .put_read(start, integration, &current, sealed.updated_at);
         return Ok(current);
     }
     let task = tokio::spawn(single_flight(

@@ -168,6 +168,13 @@ impl Database {
         row.map(Integration::try_from).transpose()
     }
 
+    /// The integrations among `ids` that exist, in no particular order.
+    pub async fn get_integrations(&self, ids: &[Uuid]) -> StorageResult<Vec<Integration>> {
+        let select = format!("SELECT {COLUMNS} FROM oauth_integrations WHERE id");
+        let rows: Vec<Row> = self.rows_with_ids(&select, ids).await?;
+        rows.into_iter().map(Integration::try_from).collect()
+    }
+
     /// Integrations matching `filter`, in id (creation) order, one page at a time.
     pub async fn list_integrations(
         &self,

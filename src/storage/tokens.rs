@@ -84,6 +84,12 @@ impl Database {
             .await)?)
     }
 
+    /// The token rows of those integrations among `ids` that have tokens, in no particular order.
+    pub async fn get_tokens_of(&self, ids: &[Uuid]) -> StorageResult<Vec<SealedTokens>> {
+        let select = format!("SELECT {COLUMNS} FROM oauth_tokens WHERE integration_id");
+        self.rows_with_ids(&select, ids).await
+    }
+
     /// Up to `limit` token rows sealed under a key other than `active_key_id`, with their owner
     /// (part of the associated data needed to open them).
     pub async fn tokens_not_under_key(

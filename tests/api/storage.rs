@@ -61,6 +61,59 @@ async fn integrations_round_trip_exactly_and_are_unique_per_account() {
 }
 
 #[tokio::test]
+async fn integrations_and_tokens_are_read_by_the_hundred_with_the_missing_left_out() {
+    let app = spawn_app().await;
+    let now = app.clock.now();
+    let mut wanted = Vec::new();
+    for n in 0..100 {
+        let integration = app.seed_integration(&format!("user-{n}"), "google").await;
+        if n % 2 == 0 {
+            let tokens = SealedTokens {
+                integration_id: integration.id,
+                key_id: "k1-test".into(),
+                access_token: vec![n],
+                refresh_token: None,
+                id_token: None,
+                token_type: "Bearer".into(),
+                expires_at: None,
+                refresh_token_expires_at: None,
+                generation: 0,
+                created_at: now,
+                updated_at: now,
+                refresh_failures: 0,
+                refresh_not_before: None,
+            };
+            app.db.upsert_tokens(&tokens).await.expect("tokens");
+        }
+        wanted.push(integration.id);
+    }
+    let unknown = Uuid::now_v7();
+    wanted.push(unknown);
+    let integrations = app
+        .db
+        .get_integrations(&wanted)
+        .await
+        .expect("integrations");
+    assert_eq!(
+        integrations.len(),
+        100,
+        "more than one SQLite IN list, the unknown id left out"
+    );
+    assert!(integrations
+        .iter()
+        .all(|integration| integration.id != unknown));
+    let tokens = app.db.get_tokens_of(&wanted).await.expect("tokens");
+    assert_eq!(tokens.len(), 50);
+    assert!(tokens.iter().all(|row| wanted
+        .iter()
+        .position(|id| *id == row.integration_id)
+        .unwrap_or(1)
+        % 2
+        == 0));
+    assert!(app.db.get_integrations(&[]).await.expect("none").is_empty());
+}
+
+#[tokio::test]
 async fn token_writes_bump_the_generation_and_cascade_with_the_integration() {
     let app = spawn_app().await;
     let integration = app.seed_integration("alice", "google").await;
