@@ -17,7 +17,7 @@ use crate::http::{self, AppState};
 use crate::providers::{discovery, ProviderRegistry};
 use crate::services::vault::TokenVault;
 use crate::services::{worker, Context};
-use crate::storage::{Database, PoolSettings, StorageError};
+use crate::storage::{Database, StorageError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -58,8 +58,7 @@ pub fn keyring(config: &Config) -> Result<Keyring, StartupError> {
 
 /// Connects to the configured database and applies pending migrations.
 pub async fn open_database(config: &Config) -> Result<Database, StartupError> {
-    let db =
-        Database::connect(config.database_url.expose_secret(), PoolSettings::default()).await?;
+    let db = Database::connect(config.database_url.expose_secret(), config.database_pool).await?;
     db.migrate().await?;
     // The scope catalog is seeded with the schema, so every command sees the same catalog.
     let now = crate::clock::truncate(chrono::Utc::now());

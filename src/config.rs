@@ -155,6 +155,8 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     pub public_url: Url,
     pub database_url: SecretString,
+    /// `OAUTH_DATABASE_MAX_CONNECTIONS` (default 16): the connection pool's size.
+    pub database_pool: crate::storage::PoolSettings,
     pub encryption: Option<EncryptionKeys>,
     pub jwt: JwtSettings,
     pub role_permissions: RoleMap,
@@ -216,6 +218,15 @@ impl Config {
             listen_addr: parse_listen_addr(env)?,
             public_url: parse_public_url(env)?,
             database_url: parse_database_url(env)?,
+            database_pool: crate::storage::PoolSettings {
+                max_connections: u32::try_from(parse_number(
+                    env,
+                    "OAUTH_DATABASE_MAX_CONNECTIONS",
+                    i64::from(crate::storage::PoolSettings::default().max_connections),
+                    1..=1000,
+                )?)
+                .unwrap_or(16),
+            },
             encryption: parse_encryption_keys(env)?,
             jwt: parse_jwt(env)?,
             role_permissions: parse_role_map(env)?,

@@ -13,7 +13,7 @@ use oauth_manager::clock::{SharedClock, SystemClock};
 use oauth_manager::config::{Config, Env};
 use oauth_manager::crypto::KeyMaterial;
 use oauth_manager::services::{audit, keys, vault::TokenVault, worker};
-use oauth_manager::storage::{Database, PoolSettings};
+use oauth_manager::storage::Database;
 use oauth_manager::{dev, telemetry};
 
 #[derive(Debug, Parser)]
@@ -119,10 +119,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let config = load_config()?;
             // Read-only: no migrations, no genesis row, no keys.
-            let db =
-                Database::connect(config.database_url.expose_secret(), PoolSettings::default())
-                    .await
-                    .context("cannot connect to DATABASE_URL")?;
+            let db = Database::connect(config.database_url.expose_secret(), config.database_pool)
+                .await
+                .context("cannot connect to DATABASE_URL")?;
             let report = audit::verify(&db)
                 .await
                 .context("cannot read the audit log (run `oauth-manager migrate` first?)")?;

@@ -257,8 +257,12 @@ async fn start_serve(service: &Service, concurrency: usize) -> anyhow::Result<(S
         .env("OAUTH_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    // Allocator settings under test pass through (e.g. MALLOC_ARENA_MAX).
-    for name in ["MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_"] {
+    // Allocator and pool settings under test pass through (e.g. MALLOC_ARENA_MAX).
+    for name in [
+        "MALLOC_ARENA_MAX",
+        "MALLOC_TRIM_THRESHOLD_",
+        "OAUTH_DATABASE_MAX_CONNECTIONS",
+    ] {
         if let Ok(value) = std::env::var(name) {
             command.env(name, value);
         }
@@ -360,7 +364,7 @@ async fn generations(db: &Database) -> anyhow::Result<(i64, i64)> {
         WHERE i.provider_account_id LIKE 'fleet-%'";
     let row: (i64, i64) = match db {
         Database::Postgres(pool) => sqlx::query_as(SQL).fetch_one(pool).await?,
-        Database::Sqlite(pool) => sqlx::query_as(SQL).fetch_one(pool).await?,
+        Database::Sqlite(pool, _) => sqlx::query_as(SQL).fetch_one(pool).await?,
     };
     Ok(row)
 }

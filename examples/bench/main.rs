@@ -293,7 +293,7 @@ async fn server_version(db: &Database) -> String {
                 .fetch_one(pool)
                 .await
         }
-        Database::Sqlite(pool) => {
+        Database::Sqlite(pool, _) => {
             sqlx::query_scalar::<_, String>("SELECT sqlite_version()")
                 .fetch_one(pool)
                 .await

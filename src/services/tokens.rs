@@ -108,6 +108,7 @@ impl Flights {
         };
         match running {
             Some(lock) => {
+                crate::metrics::single_flight_lock(&lock);
                 drop(lock.lock().await);
                 true
             }

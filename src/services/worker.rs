@@ -18,8 +18,9 @@ use uuid::Uuid;
 use super::audit::{self, RequestContext};
 use super::disconnect::{self, ProviderRevocation};
 use super::tokens::{background_due_at, backoff, refresh_claimed, WORKER_ACTOR};
-use super::Context;
+use super::{Context, ServiceResult};
 use crate::storage::audit::Outcome;
+use crate::storage::integrations::Integration;
 
 /// Expired authorization requests are kept this long for replayed callbacks, then purged.
 const STATE_RETENTION: Duration = Duration::hours(1);
@@ -145,8 +146,25 @@ async fn refresh_due(ctx: &Context, settings: &WorkerSettings, report: &mut Tick
             break;
         }
         let last_batch = i64::try_from(fresh.len()).unwrap_or(0) < settings.batch;
+        // The batch's integrations and token generations in two queries, not two per row.
+        let mut claimed = match read_claimed(ctx, &fresh).await {
+            Ok(claimed) => claimed,
+            Err(err) => {
+                tracing::warn!(error = %err, "reading claimed integrations failed");
+                HashMap::new()
+            }
+        };
         for id in fresh {
-            spawn_refresh(&mut tasks, ctx, settings, &semaphores, id, &claim).await;
+            let Some((integration, before)) = claimed.remove(&id) else {
+                let _ = ctx.db.release_token_lease(id, &claim).await;
+                continue;
+            };
+            let refresh = Claimed {
+                integration,
+                before,
+                claim: &claim,
+            };
+            spawn_refresh(&mut tasks, ctx, settings, &semaphores, refresh).await;
             while let Some(done) = tasks.try_join_next() {
                 count(report, done);
             }
@@ -160,21 +178,51 @@ async fn refresh_due(ctx: &Context, settings: &WorkerSettings, report: &mut Tick
     }
 }
 
+/// The integrations among `ids` with the generation of their tokens (`None`: no tokens).
+async fn read_claimed(
+    ctx: &Context,
+    ids: &[Uuid],
+) -> ServiceResult<HashMap<Uuid, (Integration, Option<i64>)>> {
+    let generations: HashMap<Uuid, i64> = ctx
+        .db
+        .get_tokens_of(ids)
+        .await?
+        .into_iter()
+        .map(|sealed| (sealed.integration_id, sealed.generation))
+        .collect();
+    Ok(ctx
+        .db
+        .get_integrations(ids)
+        .await?
+        .into_iter()
+        .map(|integration| {
+            let before = generations.get(&integration.id).copied();
+            (integration.id, (integration, before))
+        })
+        .collect())
+}
+
+/// A claimed integration as the tick read it.
+struct Claimed<'a> {
+    integration: Integration,
+    /// The generation of its tokens when claimed.
+    before: Option<i64>,
+    claim: &'a str,
+}
+
 async fn spawn_refresh(
     tasks: &mut JoinSet<Refreshed>,
     ctx: &Context,
     settings: &WorkerSettings,
     semaphores: &HashMap<String, Arc<Semaphore>>,
-    id: Uuid,
-    claim: &str,
+    claimed: Claimed<'_>,
 ) {
-    let integration = match ctx.db.get_integration(id).await {
-        Ok(Some(integration)) => integration,
-        _ => {
-            let _ = ctx.db.release_token_lease(id, claim).await;
-            return;
-        }
-    };
+    let Claimed {
+        integration,
+        before,
+        claim,
+    } = claimed;
+    let id = integration.id;
     let Some(semaphore) = semaphores.get(&integration.provider).cloned() else {
         // A provider no longer configured: look again much later, not every tick.
         let _ = ctx.db.release_token_lease(id, claim).await;
@@ -193,13 +241,6 @@ async fn spawn_refresh(
     let claim = claim.to_owned();
     tasks.spawn(async move {
         let _permit = permit;
-        let before = ctx
-            .db
-            .get_tokens(id)
-            .await
-            .ok()
-            .flatten()
-            .map(|sealed| sealed.generation);
         let result = refresh_claimed(&ctx, &integration, window, &claim).await;
         let after = ctx.db.get_tokens(id).await.ok().flatten();
         let now = ctx.clock.now();

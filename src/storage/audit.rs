@@ -22,7 +22,7 @@ use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{with_pool, Database, Page, Paged, StorageError, StorageResult};
+use super::{with_pool, with_writer, Database, Page, Paged, StorageError, StorageResult};
 
 /// The chain holding the single genesis row (which carries the digest salt).
 pub const GENESIS_CHAIN: &str = "genesis";
@@ -391,9 +391,10 @@ macro_rules! with_write_tx {
                 $tx.commit().await?;
                 value
             }
-            Database::Sqlite(pool) => {
+            Database::Sqlite(pool, gate) => {
                 // One writer at a time: the immediate transaction is the (database-wide) lock.
                 let _: &[&str] = $lock;
+                let _turn = gate.enter().await;
                 let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
                 let value = $body;
                 $tx.commit().await?;
@@ -417,7 +418,7 @@ macro_rules! with_read_tx {
                 $tx.commit().await?;
                 value
             }
-            Database::Sqlite(pool) => {
+            Database::Sqlite(pool, _) => {
                 let mut $tx = pool.begin().await?;
                 let value = $body;
                 $tx.commit().await?;
@@ -464,7 +465,7 @@ impl Database {
         let none: Option<&str> = None;
         let no_bytes: Option<Vec<u8>> = None;
         Ok(
-            with_pool!(self, pool => insert_query!(event, none, None::<i64>, &no_bytes, &no_bytes)
+            with_writer!(self, pool => insert_query!(event, none, None::<i64>, &no_bytes, &no_bytes)
             .fetch_one(pool)
             .await)?,
         )

@@ -5,7 +5,7 @@ use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{with_pool, Database, Page, Paged, StorageResult};
+use super::{with_pool, with_writer, Database, Page, Paged, StorageResult};
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Consent {
@@ -52,7 +52,7 @@ const COLUMNS: &str = "id, user_id, provider, integration_id, scopes_granted, sc
 
 impl Database {
     pub async fn insert_consent(&self, consent: &Consent) -> StorageResult<()> {
-        with_pool!(self, pool => insert_consent_query!(consent).execute(pool).await.map(|_| ()))?;
+        with_writer!(self, pool => insert_consent_query!(consent).execute(pool).await.map(|_| ()))?;
         Ok(())
     }
 
@@ -83,7 +83,7 @@ impl Database {
     pub async fn withdraw_consent(&self, id: Uuid, now: DateTime<Utc>) -> StorageResult<bool> {
         let sql =
             "UPDATE oauth_consents SET withdrawn_at = $2 WHERE id = $1 AND withdrawn_at IS NULL";
-        let changed = with_pool!(self, pool => sqlx::query(sql)
+        let changed = with_writer!(self, pool => sqlx::query(sql)
             .bind(id)
             .bind(now)
             .execute(pool)

@@ -8,7 +8,7 @@ use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{with_pool, Database, Page, Paged, StorageError, StorageResult};
+use super::{with_pool, with_writer, Database, Page, Paged, StorageError, StorageResult};
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
@@ -137,7 +137,7 @@ impl Database {
             "INSERT INTO oauth_integrations ({COLUMNS}) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
         );
-        with_pool!(self, pool => sqlx::query(&sql)
+        with_writer!(self, pool => sqlx::query(&sql)
             .bind(integration.id)
             .bind(&integration.user_id)
             .bind(&integration.provider)
@@ -269,9 +269,9 @@ impl Database {
         // returned at once, no busy wait): concurrent callbacks failed with "database is locked".
         let begin = match self {
             Database::Postgres(_) => "BEGIN",
-            Database::Sqlite(_) => "BEGIN IMMEDIATE",
+            Database::Sqlite(..) => "BEGIN IMMEDIATE",
         };
-        with_pool!(self, pool => {
+        with_writer!(self, pool => {
             let mut tx = pool.begin_with(begin).await?;
             let existing: Option<Row> = sqlx::query_as(&find_sql)
                 .bind(connection.user_id)
@@ -321,7 +321,7 @@ impl Database {
         let sql = "UPDATE oauth_integrations SET status = $2, updated_at = $3, \
                    last_error = COALESCE($4, last_error), \
                    last_error_at = CASE WHEN $4 IS NULL THEN last_error_at ELSE $3 END WHERE id = $1";
-        with_pool!(self, pool => sqlx::query(sql)
+        with_writer!(self, pool => sqlx::query(sql)
             .bind(id)
             .bind(status.as_str())
             .bind(now)
@@ -341,7 +341,7 @@ impl Database {
     ) -> StorageResult<()> {
         let sql =
             "UPDATE oauth_integrations SET granted_scopes = $2, updated_at = $3 WHERE id = $1";
-        with_pool!(self, pool => sqlx::query(sql).bind(id).bind(Json(scopes)).bind(now).execute(pool).await.map(|_| ()))?;
+        with_writer!(self, pool => sqlx::query(sql).bind(id).bind(Json(scopes)).bind(now).execute(pool).await.map(|_| ()))?;
         Ok(())
     }
 
@@ -353,7 +353,7 @@ impl Database {
         now: DateTime<Utc>,
     ) -> StorageResult<()> {
         let sql = "UPDATE oauth_integrations SET last_error = $2, last_error_at = $3 WHERE id = $1";
-        with_pool!(self, pool => sqlx::query(sql).bind(id).bind(error).bind(now).execute(pool).await.map(|_| ()))?;
+        with_writer!(self, pool => sqlx::query(sql).bind(id).bind(error).bind(now).execute(pool).await.map(|_| ()))?;
         Ok(())
     }
 
@@ -373,7 +373,7 @@ impl Database {
         } else {
             "DELETE FROM oauth_tokens WHERE integration_id = $1 AND $2 IS NOT NULL"
         };
-        with_pool!(self, pool => {
+        with_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             sqlx::query(status_sql).bind(id).bind(now).execute(&mut *tx).await?;
             sqlx::query(tokens_sql).bind(id).bind(now).execute(&mut *tx).await?;
@@ -402,7 +402,7 @@ impl Database {
              (SELECT id FROM oauth_integrations WHERE user_id = $1)",
             "DELETE FROM oauth_integrations WHERE user_id = $1",
         ];
-        with_pool!(self, pool => {
+        with_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             let mut counts = [0u64; 4];
             for (count, sql) in counts.iter_mut().zip(statements) {

@@ -17,6 +17,7 @@ pub mod state;
 pub mod tokens;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -92,7 +93,21 @@ pub type StorageResult<T> = Result<T, StorageError>;
 #[derive(Debug, Clone)]
 pub enum Database {
     Postgres(PgPool),
-    Sqlite(SqlitePool),
+    Sqlite(SqlitePool, WriteGate),
+}
+
+/// SQLite writes one transaction at a time. Writers of this process queue here, in order,
+/// instead of meeting SQLite's lock: a connection that finds the database locked polls it with
+/// sleeps of 1 to 100 ms (its busy handler), so under concurrent writes most of the time went
+/// to sleeping (BENCHMARKS.md: thousands of such sleeps a second during the fleet refresh, the
+/// cores half idle). Other processes (a second replica, the CLI) still meet the busy timeout.
+#[derive(Debug, Clone, Default)]
+pub struct WriteGate(Arc<tokio::sync::Mutex<()>>);
+
+impl WriteGate {
+    pub async fn enter(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.0.lock().await
+    }
 }
 
 /// Runs `$body` with `$pool` bound to whichever pool `$db` holds; the body is compiled once per
@@ -101,11 +116,26 @@ macro_rules! with_pool {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
             $crate::storage::Database::Postgres($pool) => $body,
-            $crate::storage::Database::Sqlite($pool) => $body,
+            $crate::storage::Database::Sqlite($pool, _) => $body,
         }
     };
 }
 pub(crate) use with_pool;
+
+/// [`with_pool!`] for a write (a statement or a whole transaction): on SQLite the body runs
+/// inside the process's [`WriteGate`].
+macro_rules! with_writer {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::storage::Database::Postgres($pool) => $body,
+            $crate::storage::Database::Sqlite($pool, gate) => {
+                let _turn = gate.enter().await;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_writer;
 
 #[derive(Debug, Clone, Copy)]
 pub struct PoolSettings {
@@ -148,7 +178,7 @@ impl Database {
                 .connect_with(options)
                 .await?;
             tokio::spawn(checkpoint_in_background(pool.clone()));
-            Ok(Self::Sqlite(pool))
+            Ok(Self::Sqlite(pool, WriteGate::default()))
         }
     }
 
@@ -156,7 +186,7 @@ impl Database {
     pub async fn migrate(&self) -> StorageResult<()> {
         match self {
             Database::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await?,
-            Database::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await?,
+            Database::Sqlite(pool, _) => SQLITE_MIGRATIONS.run(pool).await?,
         }
         Ok(())
     }
@@ -169,7 +199,7 @@ impl Database {
     pub fn backend(&self) -> &'static str {
         match self {
             Database::Postgres(_) => "postgres",
-            Database::Sqlite(_) => "sqlite",
+            Database::Sqlite(..) => "sqlite",
         }
     }
 
@@ -192,7 +222,7 @@ impl Database {
                 .bind(ids)
                 .fetch_all(pool)
                 .await?),
-            Database::Sqlite(pool) => {
+            Database::Sqlite(pool, _) => {
                 let mut rows = Vec::with_capacity(ids.len());
                 for chunk in ids.chunks(SQLITE_IDS_PER_QUERY) {
                     let placeholders: Vec<String> =

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 
-use super::{with_pool, Database, StorageResult};
+use super::{with_pool, with_writer, Database, StorageResult};
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ScopeEntry {
@@ -42,7 +42,7 @@ impl Database {
             "INSERT INTO oauth_scopes ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (provider, scope) DO NOTHING"
         );
-        let inserted = with_pool!(self, pool => sqlx::query(&sql)
+        let inserted = with_writer!(self, pool => sqlx::query(&sql)
             .bind(&entry.provider)
             .bind(&entry.scope)
             .bind(&entry.description)
@@ -65,7 +65,7 @@ impl Database {
                sensitivity = excluded.sensitivity, features = excluded.features, \
                is_default = excluded.is_default, updated_at = excluded.updated_at"
         );
-        with_pool!(self, pool => sqlx::query(&sql)
+        with_writer!(self, pool => sqlx::query(&sql)
             .bind(&entry.provider)
             .bind(&entry.scope)
             .bind(&entry.description)

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{with_pool, Database, StorageResult};
+use super::{with_pool, with_writer, Database, StorageResult};
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct PendingAuthorization {
@@ -79,7 +79,8 @@ impl Database {
                 bound!(sqlx::query(&sql)).execute(&mut *tx).await?;
                 tx.commit().await?;
             }
-            Database::Sqlite(pool) => {
+            Database::Sqlite(pool, gate) => {
+                let _turn = gate.enter().await;
                 bound!(sqlx::query(&sql)).execute(pool).await?;
             }
         }
@@ -97,7 +98,7 @@ impl Database {
             "UPDATE oauth_state SET used_at = $2 WHERE state_hash = $1 AND used_at IS NULL \
              RETURNING {COLUMNS}"
         );
-        Ok(with_pool!(self, pool => sqlx::query_as(&sql)
+        Ok(with_writer!(self, pool => sqlx::query_as(&sql)
             .bind(state_hash)
             .bind(now)
             .fetch_optional(pool)
@@ -124,7 +125,7 @@ impl Database {
     ) -> StorageResult<()> {
         let sql =
             "UPDATE oauth_state SET result_integration_id = $2, result_error = $3 WHERE id = $1";
-        with_pool!(self, pool => sqlx::query(sql)
+        with_writer!(self, pool => sqlx::query(sql)
             .bind(id)
             .bind(integration_id)
             .bind(error)
@@ -137,7 +138,7 @@ impl Database {
     /// Deletes requests that expired before `cutoff`; returns how many.
     pub async fn purge_pending_authorizations(&self, cutoff: DateTime<Utc>) -> StorageResult<u64> {
         let sql = "DELETE FROM oauth_state WHERE expires_at < $1";
-        Ok(with_pool!(self, pool => sqlx::query(sql)
+        Ok(with_writer!(self, pool => sqlx::query(sql)
             .bind(cutoff)
             .execute(pool)
             .await
@@ -171,7 +172,7 @@ impl Database {
     ) -> StorageResult<bool> {
         let sql =
             "UPDATE oauth_state SET key_id = $1, pkce_verifier = $2 WHERE id = $3 AND key_id = $4";
-        let affected = with_pool!(self, pool => sqlx::query(sql)
+        let affected = with_writer!(self, pool => sqlx::query(sql)
             .bind(new_key_id)
             .bind(pkce_verifier)
             .bind(id)

@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{with_pool, Database, StorageResult};
+use super::{with_pool, with_writer, Database, StorageResult};
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct SealedTokens {
@@ -73,7 +73,7 @@ impl Database {
     /// Inserts or replaces the token set of an integration; the stored generation becomes
     /// one more than the previous one (1 for a new row).
     pub async fn upsert_tokens(&self, tokens: &SealedTokens) -> StorageResult<i64> {
-        Ok(with_pool!(self, pool => upsert_tokens_query!(tokens).fetch_one(pool).await)?)
+        Ok(with_writer!(self, pool => upsert_tokens_query!(tokens).fetch_one(pool).await)?)
     }
 
     pub async fn get_tokens(&self, integration_id: Uuid) -> StorageResult<Option<SealedTokens>> {
@@ -120,7 +120,7 @@ impl Database {
     ) -> StorageResult<bool> {
         let sql = "UPDATE oauth_tokens SET key_id = $1, access_token = $2, refresh_token = $3, \
                    id_token = $4 WHERE integration_id = $5 AND generation = $6";
-        let result = with_pool!(self, pool => sqlx::query(sql)
+        let result = with_writer!(self, pool => sqlx::query(sql)
             .bind(&resealed.key_id)
             .bind(&resealed.access_token)
             .bind(&resealed.refresh_token)
@@ -158,7 +158,7 @@ impl Database {
         let sql = "UPDATE oauth_tokens SET lease_owner = $2, lease_until = $3 \
                    WHERE integration_id = $1 AND revoke_requested_at IS NULL \
                    AND (lease_until IS NULL OR lease_until <= $4)";
-        let affected = with_pool!(self, pool => sqlx::query(sql)
+        let affected = with_writer!(self, pool => sqlx::query(sql)
             .bind(integration_id)
             .bind(owner)
             .bind(until)
@@ -180,7 +180,7 @@ impl Database {
     ) -> StorageResult<bool> {
         let sql = "UPDATE oauth_tokens SET lease_owner = $3, lease_until = $4 \
                    WHERE integration_id = $1 AND lease_owner = $2 AND revoke_requested_at IS NULL";
-        let affected = with_pool!(self, pool => sqlx::query(sql)
+        let affected = with_writer!(self, pool => sqlx::query(sql)
             .bind(integration_id)
             .bind(from)
             .bind(to)
@@ -199,7 +199,7 @@ impl Database {
     ) -> StorageResult<()> {
         let sql = "UPDATE oauth_tokens SET lease_owner = NULL, lease_until = NULL \
                    WHERE integration_id = $1 AND lease_owner = $2";
-        with_pool!(self, pool => sqlx::query(sql).bind(integration_id).bind(owner).execute(pool).await.map(|_| ()))?;
+        with_writer!(self, pool => sqlx::query(sql).bind(integration_id).bind(owner).execute(pool).await.map(|_| ()))?;
         Ok(())
     }
 
@@ -220,7 +220,7 @@ impl Database {
                    lease_until = NULL, refresh_failures = 0, refresh_not_before = NULL \
                    WHERE integration_id = $1 RETURNING generation";
         // `None`: the row is gone (the integration was disconnected meanwhile).
-        Ok(with_pool!(self, pool => async {
+        Ok(with_writer!(self, pool => async {
             let mut tx = pool.begin().await?;
             let generation: Option<i64> = sqlx::query_scalar(sql)
                 .bind(tokens.integration_id)
@@ -255,7 +255,7 @@ impl Database {
         not_before: DateTime<Utc>,
     ) -> StorageResult<()> {
         let sql = "UPDATE oauth_tokens SET refresh_not_before = $2 WHERE integration_id = $1";
-        with_pool!(self, pool => sqlx::query(sql).bind(integration_id).bind(not_before).execute(pool).await.map(|_| ()))?;
+        with_writer!(self, pool => sqlx::query(sql).bind(integration_id).bind(not_before).execute(pool).await.map(|_| ()))?;
         Ok(())
     }
 
@@ -269,7 +269,7 @@ impl Database {
         let sql = "UPDATE oauth_tokens SET refresh_failures = refresh_failures + 1, \
                    refresh_not_before = $3, lease_owner = NULL, lease_until = NULL \
                    WHERE integration_id = $1 AND lease_owner = $2";
-        with_pool!(self, pool => sqlx::query(sql)
+        with_writer!(self, pool => sqlx::query(sql)
             .bind(integration_id)
             .bind(owner)
             .bind(not_before)
@@ -316,7 +316,8 @@ impl Database {
                     .await?
             }
             // SQLite serialises writers, so the claim is atomic as it stands.
-            Database::Sqlite(pool) => {
+            Database::Sqlite(pool, gate) => {
+                let _turn = gate.enter().await;
                 sqlx::query_scalar(&claim(""))
                     .bind(owner)
                     .bind(lease_until)
@@ -359,7 +360,7 @@ impl Database {
         let sql = "UPDATE oauth_tokens SET revoke_attempts = revoke_attempts + 1, \
                    revoke_not_before = $2, revoke_last_error = $3 \
                    WHERE integration_id = $1 AND revoke_requested_at IS NOT NULL AND generation = $4";
-        with_pool!(self, pool => sqlx::query(sql)
+        with_writer!(self, pool => sqlx::query(sql)
             .bind(integration_id)
             .bind(not_before)
             .bind(error)
@@ -379,7 +380,7 @@ impl Database {
     ) -> StorageResult<bool> {
         let sql = "DELETE FROM oauth_tokens WHERE integration_id = $1 AND generation = $2 \
                    AND revoke_requested_at IS NOT NULL";
-        let deleted = with_pool!(self, pool => sqlx::query(sql)
+        let deleted = with_writer!(self, pool => sqlx::query(sql)
             .bind(integration_id)
             .bind(generation)
             .execute(pool)
@@ -392,7 +393,7 @@ impl Database {
     /// the sealed values are gone for good.
     pub async fn delete_tokens(&self, integration_id: Uuid) -> StorageResult<()> {
         let sql = "DELETE FROM oauth_tokens WHERE integration_id = $1";
-        with_pool!(self, pool => sqlx::query(sql).bind(integration_id).execute(pool).await.map(|_| ()))?;
+        with_writer!(self, pool => sqlx::query(sql).bind(integration_id).execute(pool).await.map(|_| ()))?;
         Ok(())
     }
 }

@@ -27,7 +27,7 @@ macro_rules! raw {
         match $db {
             Database::Postgres(pool) => sqlx::query($sql)$(.bind($bind))*.execute(pool).await
                 .map(|done| done.rows_affected()),
-            Database::Sqlite(pool) => sqlx::query($sql)$(.bind($bind))*.execute(pool).await
+            Database::Sqlite(pool, _) => sqlx::query($sql)$(.bind($bind))*.execute(pool).await
                 .map(|done| done.rows_affected()),
         }
         .expect("raw SQL")
@@ -40,7 +40,7 @@ macro_rules! raw_scalar {
         match $db {
             Database::Postgres(pool) => sqlx::query_scalar::<_, $ty>($sql)$(.bind($bind))*
                 .fetch_one(pool).await,
-            Database::Sqlite(pool) => sqlx::query_scalar::<_, $ty>($sql)$(.bind($bind))*
+            Database::Sqlite(pool, _) => sqlx::query_scalar::<_, $ty>($sql)$(.bind($bind))*
                 .fetch_one(pool).await,
         }
         .expect("raw SQL")

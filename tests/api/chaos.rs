@@ -202,7 +202,7 @@ fn server_env() -> [(&'static str, &'static str); 2] {
 async fn count(db: &Database, sql: &str) -> i64 {
     match db {
         Database::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
-        Database::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+        Database::Sqlite(pool, _) => sqlx::query_scalar(sql).fetch_one(pool).await,
     }
     .unwrap_or_else(|err| panic!("{sql}: {err}"))
 }

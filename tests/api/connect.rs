@@ -462,7 +462,7 @@ async fn tamper_pkce_verifier(app: &TestApp) {
                 .fetch_all(pool)
                 .await
         }
-        Database::Sqlite(pool) => {
+        Database::Sqlite(pool, _) => {
             sqlx::query_as("SELECT id, user_id FROM oauth_state")
                 .fetch_all(pool)
                 .await
@@ -483,7 +483,7 @@ async fn tamper_pkce_verifier(app: &TestApp) {
                 .execute(pool)
                 .await
                 .map(|_| ()),
-            Database::Sqlite(pool) => sqlx::query(sql)
+            Database::Sqlite(pool, _) => sqlx::query(sql)
                 .bind(sealed)
                 .bind(id)
                 .execute(pool)

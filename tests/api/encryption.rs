@@ -55,7 +55,7 @@ async fn copy_column(db: &Database, column_from: &str, from: Uuid, column_to: &s
             .execute(pool)
             .await
             .map(|_| ()),
-        Database::Sqlite(pool) => sqlx::query(&sql)
+        Database::Sqlite(pool, _) => sqlx::query(&sql)
             .bind(from)
             .bind(to)
             .execute(pool)

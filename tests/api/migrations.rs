@@ -22,7 +22,7 @@ async fn table_names(db: &Database) -> Vec<String> {
             .fetch_all(pool)
             .await
         }
-        Database::Sqlite(pool) => sqlx::query_scalar(
+        Database::Sqlite(pool, _) => sqlx::query_scalar(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'oauth%' ORDER BY 1",
         )
         .fetch_all(pool)
@@ -50,7 +50,7 @@ async fn index_names(db: &Database) -> Vec<String> {
             .fetch_all(pool)
             .await
         }
-        Database::Sqlite(pool) => {
+        Database::Sqlite(pool, _) => {
             sqlx::query_scalar(
                 "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name LIKE 'oauth%' \
              ORDER BY 1",
@@ -97,7 +97,7 @@ async fn foreign_keys_are_enforced() {
             .execute(pool)
             .await
             .map(|_| ()),
-        Database::Sqlite(pool) => sqlx::query(sql)
+        Database::Sqlite(pool, _) => sqlx::query(sql)
             .bind(orphan)
             .bind(vec![1u8])
             .bind(now)

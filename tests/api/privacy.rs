@@ -18,7 +18,7 @@ async fn audit_rows_mentioning(app: &TestApp, needle: &str) -> i64 {
                 .fetch_one(pool)
                 .await
         }
-        Database::Sqlite(pool) => sqlx::query_scalar(sql).bind(needle).fetch_one(pool).await,
+        Database::Sqlite(pool, _) => sqlx::query_scalar(sql).bind(needle).fetch_one(pool).await,
     }
     .expect("count")
 }
@@ -173,7 +173,7 @@ async fn erasure_revokes_deletes_and_pseudonymises_while_the_chain_still_verifie
                 .fetch_one(pool)
                 .await
         }
-        Database::Sqlite(pool) => {
+        Database::Sqlite(pool, _) => {
             sqlx::query_scalar("SELECT COUNT(*) FROM oauth_state WHERE user_id = 'alice'")
                 .fetch_one(pool)
                 .await

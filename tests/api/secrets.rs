@@ -360,7 +360,7 @@ async fn failing_flows(
 /// The database's content as bytes: the SQLite files, or every row of every table as text.
 async fn database_bytes(app: &TestApp) -> (Vec<u8>, bool) {
     match &app.db {
-        Database::Sqlite(_) => {
+        Database::Sqlite(..) => {
             let path = app
                 .database
                 .url

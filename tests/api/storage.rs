@@ -156,7 +156,7 @@ async fn token_writes_bump_the_generation_and_cascade_with_the_integration() {
             .execute(p)
             .await
             .map(|_| ()),
-        oauth_manager::storage::Database::Sqlite(p) => sqlx::query(sql)
+        oauth_manager::storage::Database::Sqlite(p, _) => sqlx::query(sql)
             .bind(integration.id)
             .execute(p)
             .await

@@ -308,7 +308,7 @@ pub async fn count_rows(db: &Database, table: &str) -> i64 {
     let sql = format!("SELECT COUNT(*) FROM {table}");
     match db {
         Database::Postgres(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
-        Database::Sqlite(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
+        Database::Sqlite(pool, _) => sqlx::query_scalar(&sql).fetch_one(pool).await,
     }
     .expect("count")
 }
