@@ -18,6 +18,7 @@ use crate::http::limits::RateLimitSettings;
 use crate::providers::declared::{self, DeclaredProvider};
 use crate::services::tokens::LifecycleSettings;
 use crate::services::worker::WorkerSettings;
+use crate::storage::PoolSettings;
 use chrono::Duration;
 
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:8000";
@@ -155,8 +156,8 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     pub public_url: Url,
     pub database_url: SecretString,
-    /// `OAUTH_DATABASE_MAX_CONNECTIONS` (default 16): the connection pool's size.
-    pub database_pool: crate::storage::PoolSettings,
+    /// `OAUTH_DATABASE_MAX_CONNECTIONS`: the connection pool's size.
+    pub database_pool: PoolSettings,
     pub encryption: Option<EncryptionKeys>,
     pub jwt: JwtSettings,
     pub role_permissions: RoleMap,
@@ -214,19 +215,12 @@ impl Config {
             Some(path) => declared::load(path, env)?,
             None => Vec::new(),
         };
+        let database_url = parse_database_url(env)?;
         Ok(Self {
             listen_addr: parse_listen_addr(env)?,
             public_url: parse_public_url(env)?,
-            database_url: parse_database_url(env)?,
-            database_pool: crate::storage::PoolSettings {
-                max_connections: u32::try_from(parse_number(
-                    env,
-                    "OAUTH_DATABASE_MAX_CONNECTIONS",
-                    i64::from(crate::storage::PoolSettings::default().max_connections),
-                    1..=1000,
-                )?)
-                .unwrap_or(16),
-            },
+            database_pool: parse_pool(env, &database_url)?,
+            database_url,
             encryption: parse_encryption_keys(env)?,
             jwt: parse_jwt(env)?,
             role_permissions: parse_role_map(env)?,
@@ -333,6 +327,20 @@ fn parse_public_url(env: &Env<'_>) -> Result<Url, ConfigError> {
         ));
     }
     Ok(url)
+}
+
+/// `OAUTH_DATABASE_MAX_CONNECTIONS`; the default depends on the backend (see [`PoolSettings`]).
+fn parse_pool(env: &Env<'_>, database_url: &SecretString) -> Result<PoolSettings, ConfigError> {
+    let default = PoolSettings::default_for(database_url.expose_secret());
+    let max = parse_number(
+        env,
+        "OAUTH_DATABASE_MAX_CONNECTIONS",
+        i64::from(default.max_connections),
+        1..=1000,
+    )?;
+    Ok(PoolSettings {
+        max_connections: u32::try_from(max).unwrap_or(default.max_connections),
+    })
 }
 
 fn parse_database_url(env: &Env<'_>) -> Result<SecretString, ConfigError> {
@@ -786,6 +794,31 @@ mod tests {
             "CORS is off by default"
         );
         assert!(config.metrics_addr.is_none(), "metrics are off by default");
+    }
+
+    #[test]
+    fn the_pool_and_hand_out_window_have_per_backend_defaults_and_can_be_set() {
+        let sqlite = load(&[]).expect("defaults");
+        assert_eq!(sqlite.database_pool.max_connections, 4);
+        assert_eq!(
+            sqlite.audit_hand_out_window,
+            std::time::Duration::from_secs(1)
+        );
+        let postgres = load(&[("DATABASE_URL", "postgres://db.internal/oauth")]).expect("pg");
+        assert_eq!(postgres.database_pool.max_connections, 16);
+        let tuned = load(&[
+            ("OAUTH_DATABASE_MAX_CONNECTIONS", "32"),
+            ("OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS", "0"),
+        ])
+        .expect("tuned");
+        assert_eq!(tuned.database_pool.max_connections, 32);
+        assert!(tuned.audit_hand_out_window.is_zero());
+        for (var, value) in [
+            ("OAUTH_DATABASE_MAX_CONNECTIONS", "0"),
+            ("OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS", "61"),
+        ] {
+            assert_eq!(invalid_var(load(&[(var, value)])), var);
+        }
     }
 
     #[test]

@@ -150,6 +150,23 @@ impl Default for PoolSettings {
     }
 }
 
+impl PoolSettings {
+    /// 16 connections to PostgreSQL; 4 to SQLite, which writes one transaction at a time
+    /// anyway (see [`WriteGate`]) and whose connections each keep a page cache and a thread:
+    /// more connections cost memory and bought nothing (BENCHMARKS.md).
+    pub fn default_for(url: &str) -> Self {
+        if is_postgres_url(url) {
+            Self::default()
+        } else {
+            Self {
+                max_connections: SQLITE_DEFAULT_CONNECTIONS,
+            }
+        }
+    }
+}
+
+const SQLITE_DEFAULT_CONNECTIONS: u32 = 4;
+
 impl Database {
     pub async fn connect(url: &str, settings: PoolSettings) -> StorageResult<Self> {
         if is_postgres_url(url) {
@@ -167,9 +184,10 @@ impl Database {
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(SQLITE_BUSY_TIMEOUT)
                 .foreign_keys(true)
-                // 1 MiB of page cache per connection instead of SQLite's 2 MiB default: with a
-                // pool of 16 the default alone would be half of the memory budget (BENCHMARKS.md).
-                .pragma("cache_size", "-1024")
+                // 4 MiB of page cache per connection (SQLite's default is 2 MiB): the default
+                // pool of 4 then caches 16 MiB of the hottest pages, enough for the indexes
+                // the refresher walks with 100,000 integrations stored (BENCHMARKS.md).
+                .pragma("cache_size", "-4096")
                 // A backstop only: the log is checkpointed by `checkpoint_in_background`.
                 .pragma("wal_autocheckpoint", SQLITE_AUTOCHECKPOINT_PAGES);
             let pool = SqlitePoolOptions::new()
