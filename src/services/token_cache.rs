@@ -111,6 +111,10 @@ impl TokenCache {
         )
     }
 
+    pub fn is_enabled(&self) -> bool {
+        self.entries.is_some()
+    }
+
     /// Notes the epoch before a read whose result may go into the cache.
     pub fn read_start(&self) -> ReadStart {
         ReadStart(self.epoch.load(Ordering::Acquire))

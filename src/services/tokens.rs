@@ -30,7 +30,7 @@ use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 use uuid::Uuid;
 
 use super::audit::{self, RequestContext};
@@ -73,47 +73,108 @@ impl Default for LifecycleSettings {
     }
 }
 
-/// Per-integration in-process locks; entries vanish when nobody holds them.
+/// Per-integration in-process locks; entries vanish when nobody holds them. Two kinds: the
+/// refresh lock ([`Flights::lock`]) and the load lock ([`Flights::load`]), held by the one
+/// hand-out that reads an integration missing from the token cache while others with the same
+/// miss wait for its result (a storm of callers on an expired token: one of them reads and
+/// refreshes, the others wait in memory and answer from the cache).
 #[derive(Debug, Default)]
 pub struct Flights {
-    locks: StdMutex<HashMap<Uuid, Weak<Mutex<()>>>>,
+    refreshes: Registry,
+    loads: Registry,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    locks: StdMutex<HashMap<Uuid, Weak<Flight>>>,
+}
+
+/// One integration's lock, and a signal to everyone waiting for its holder to finish.
+#[derive(Debug, Default)]
+struct Flight {
+    lock: Arc<Mutex<()>>,
+    /// Notified whenever a holder lets go: waiters that only want the result wake together,
+    /// instead of taking the lock one after another (a chain of a thousand hand-overs was
+    /// most of the refresh storm's tail).
+    released: Notify,
+}
+
+/// Holds an integration's lock; letting go wakes everyone waiting for the result.
+pub struct FlightGuard {
+    guard: Option<OwnedMutexGuard<()>>,
+    flight: Arc<Flight>,
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        self.flight.released.notify_waiters();
+    }
 }
 
 impl Flights {
-    pub async fn lock(&self, id: Uuid) -> OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
-            if locks.len() > 1024 {
-                locks.retain(|_, weak| weak.strong_count() > 0);
-            }
-            match locks.get(&id).and_then(Weak::upgrade) {
-                Some(lock) => lock,
-                None => {
-                    let lock = Arc::new(Mutex::new(()));
-                    locks.insert(id, Arc::downgrade(&lock));
-                    lock
-                }
-            }
-        };
-        crate::metrics::single_flight_lock(&lock);
-        lock.lock_owned().await
+    /// The refresh lock of `id`.
+    pub async fn lock(&self, id: Uuid) -> FlightGuard {
+        self.refreshes.lock(id).await
     }
 
-    /// Waits for the refresh of `id` running in this process, if there is one; says whether
-    /// there was.
+    /// The load lock of `id`.
+    pub async fn load(&self, id: Uuid) -> FlightGuard {
+        self.loads.lock(id).await
+    }
+
+    /// Waits for a load or a refresh of `id` under way in this process; says whether there
+    /// was one (its result is then in the token cache, unless it failed).
     pub async fn wait_for_running(&self, id: Uuid) -> bool {
-        let running = {
-            let locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
-            locks.get(&id).and_then(Weak::upgrade)
-        };
-        match running {
-            Some(lock) => {
-                crate::metrics::single_flight_lock(&lock);
-                drop(lock.lock().await);
-                true
-            }
-            None => false,
+        let loaded = self.loads.wait_for_running(id).await;
+        let refreshed = self.refreshes.wait_for_running(id).await;
+        loaded || refreshed
+    }
+}
+
+impl Registry {
+    fn flight(&self, id: Uuid, create: bool) -> Option<Arc<Flight>> {
+        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        if locks.len() > 1024 {
+            locks.retain(|_, weak| weak.strong_count() > 0);
         }
+        match locks.get(&id).and_then(Weak::upgrade) {
+            Some(flight) => Some(flight),
+            None if create => {
+                let flight = Arc::new(Flight::default());
+                locks.insert(id, Arc::downgrade(&flight));
+                Some(flight)
+            }
+            None => None,
+        }
+    }
+
+    async fn lock(&self, id: Uuid) -> FlightGuard {
+        let flight = self.flight(id, true).unwrap_or_default();
+        crate::metrics::single_flight_lock(&flight);
+        let guard = flight.lock.clone().lock_owned().await;
+        FlightGuard {
+            guard: Some(guard),
+            flight,
+        }
+    }
+
+    /// Waits until the holder of `id`'s lock (if there is one) lets go of it; says whether
+    /// there was one. Does not take the lock.
+    async fn wait_for_running(&self, id: Uuid) -> bool {
+        let Some(flight) = self.flight(id, false) else {
+            return false;
+        };
+        crate::metrics::single_flight_lock(&flight);
+        let released = flight.released.notified();
+        tokio::pin!(released);
+        // Registered before looking at the lock, so a release between the look and the wait
+        // is not missed.
+        released.as_mut().enable();
+        if flight.lock.try_lock().is_err() {
+            released.await;
+        }
+        true
     }
 }
 
@@ -145,11 +206,23 @@ pub async fn access_token(
     client: &RequestContext,
 ) -> ServiceResult<IssuedToken> {
     let mut cached = cached_token(ctx, actor, id);
-    // A refresh of this token is under way here: its result will be in the cache, so waiting
-    // for it costs no database read (a storm of callers on an expired token waits in memory).
-    if cached.is_none() && ctx.flights.wait_for_running(id).await {
+    // A load or refresh of this token is under way here: its result will be in the cache, so
+    // waiting for it costs no database read (a storm of callers on an expired token waits in
+    // memory).
+    let waited = cached.is_none() && ctx.flights.wait_for_running(id).await;
+    if waited {
         cached = cached_token(ctx, actor, id);
     }
+    // Otherwise this caller loads it, and callers with the same miss wait for it (above). One
+    // that waited and still missed (the load failed, or is not for this caller) goes on by
+    // itself: failures are not queued one behind the other.
+    let _loading = if cached.is_none() && !waited && ctx.tokens_cache.is_enabled() {
+        let loading = ctx.flights.load(id).await;
+        cached = cached_token(ctx, actor, id);
+        Some(loading)
+    } else {
+        None
+    };
     if let Some(issued) = cached {
         audit::record_hand_out(
             ctx,
