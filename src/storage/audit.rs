@@ -215,6 +215,30 @@ const SQLITE_INSERT_CHUNK: usize = 16;
 /// unique `(chain, chain_seq)` index; the writer then forgets its heads and retries.
 pub type ChainHeads = HashMap<String, (i64, Vec<u8>)>;
 
+/// Binds an audit row's sixteen columns, in `INSERT_COLUMNS` order, onto `$query`.
+macro_rules! bind_audit_row {
+    ($query:expr, $event:expr, $chain:expr, $seq:expr, $prev:expr, $hash:expr) => {{
+        let event: &NewAuditEvent = $event;
+        $query
+            .bind(event.occurred_at)
+            .bind(&event.actor_user_id)
+            .bind(&event.subject_user_id)
+            .bind(event.integration_id)
+            .bind(&event.provider)
+            .bind(&event.action)
+            .bind(event.outcome.as_str())
+            .bind(&event.reason)
+            .bind(&event.request_id)
+            .bind(&event.client_ip)
+            .bind(&event.user_agent)
+            .bind(Json(&event.details))
+            .bind($chain)
+            .bind($seq)
+            .bind($prev)
+            .bind($hash)
+    }};
+}
+
 /// A chained row ready to insert: chain, event, position, previous hash, own hash.
 type ChainedRow<'a> = (&'a str, &'a NewAuditEvent, i64, Vec<u8>, Vec<u8>);
 
@@ -300,23 +324,7 @@ impl InsertChainedRows for &mut sqlx::SqliteConnection {
             let sql = multi_row_insert_sql(chunk.len());
             let mut query = sqlx::query_as::<_, (i64, String, i64)>(&sql);
             for (chain, event, seq, prev_hash, row_hash) in chunk {
-                query = query
-                    .bind(event.occurred_at)
-                    .bind(&event.actor_user_id)
-                    .bind(&event.subject_user_id)
-                    .bind(event.integration_id)
-                    .bind(&event.provider)
-                    .bind(&event.action)
-                    .bind(event.outcome.as_str())
-                    .bind(&event.reason)
-                    .bind(&event.request_id)
-                    .bind(&event.client_ip)
-                    .bind(&event.user_agent)
-                    .bind(Json(&event.details))
-                    .bind(*chain)
-                    .bind(*seq)
-                    .bind(prev_hash)
-                    .bind(row_hash);
+                query = bind_audit_row!(query, event, *chain, *seq, prev_hash, row_hash);
             }
             inserted.extend(query.fetch_all(&mut *self).await?);
         }
@@ -346,26 +354,16 @@ const BATCH: i64 = 500;
 
 /// The insert of a (chained or not) audit row, bound and ready for any executor.
 macro_rules! insert_query {
-    ($event:expr, $chain:expr, $seq:expr, $prev:expr, $hash:expr) => {{
-        let event: &NewAuditEvent = $event;
-        sqlx::query_scalar::<_, i64>(INSERT_SQL)
-            .bind(event.occurred_at)
-            .bind(&event.actor_user_id)
-            .bind(&event.subject_user_id)
-            .bind(event.integration_id)
-            .bind(&event.provider)
-            .bind(&event.action)
-            .bind(event.outcome.as_str())
-            .bind(&event.reason)
-            .bind(&event.request_id)
-            .bind(&event.client_ip)
-            .bind(&event.user_agent)
-            .bind(Json(&event.details))
-            .bind($chain)
-            .bind($seq)
-            .bind($prev)
-            .bind($hash)
-    }};
+    ($event:expr, $chain:expr, $seq:expr, $prev:expr, $hash:expr) => {
+        bind_audit_row!(
+            sqlx::query_scalar::<_, i64>(INSERT_SQL),
+            $event,
+            $chain,
+            $seq,
+            $prev,
+            $hash
+        )
+    };
 }
 
 /// Runs `$body` inside a write transaction, bound to `$tx`, holding the chain locks of the

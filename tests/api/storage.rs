@@ -60,6 +60,25 @@ async fn integrations_round_trip_exactly_and_are_unique_per_account() {
     assert!(page.next.is_none());
 }
 
+/// A token row as the vault would write it (bytes stand in for ciphertext).
+fn sealed(integration_id: Uuid, now: chrono::DateTime<chrono::Utc>) -> SealedTokens {
+    SealedTokens {
+        integration_id,
+        key_id: "k1-test".into(),
+        access_token: vec![1, 2, 3],
+        refresh_token: None,
+        id_token: None,
+        token_type: "Bearer".into(),
+        expires_at: Some(now + Duration::hours(1)),
+        refresh_token_expires_at: None,
+        generation: 0,
+        created_at: now,
+        updated_at: now,
+        refresh_failures: 0,
+        refresh_not_before: None,
+    }
+}
+
 #[tokio::test]
 async fn integrations_and_tokens_are_read_by_the_hundred_with_the_missing_left_out() {
     let app = spawn_app().await;
@@ -69,19 +88,9 @@ async fn integrations_and_tokens_are_read_by_the_hundred_with_the_missing_left_o
         let integration = app.seed_integration(&format!("user-{n}"), "google").await;
         if n % 2 == 0 {
             let tokens = SealedTokens {
-                integration_id: integration.id,
-                key_id: "k1-test".into(),
                 access_token: vec![n],
-                refresh_token: None,
-                id_token: None,
-                token_type: "Bearer".into(),
                 expires_at: None,
-                refresh_token_expires_at: None,
-                generation: 0,
-                created_at: now,
-                updated_at: now,
-                refresh_failures: 0,
-                refresh_not_before: None,
+                ..sealed(integration.id, now)
             };
             app.db.upsert_tokens(&tokens).await.expect("tokens");
         }
@@ -118,21 +127,7 @@ async fn token_writes_bump_the_generation_and_cascade_with_the_integration() {
     let app = spawn_app().await;
     let integration = app.seed_integration("alice", "google").await;
     let now = app.clock.now();
-    let tokens = SealedTokens {
-        integration_id: integration.id,
-        key_id: "k1-test".into(),
-        access_token: vec![1, 2, 3],
-        refresh_token: None,
-        id_token: None,
-        token_type: "Bearer".into(),
-        expires_at: Some(now + Duration::hours(1)),
-        refresh_token_expires_at: None,
-        generation: 0,
-        created_at: now,
-        updated_at: now,
-        refresh_failures: 0,
-        refresh_not_before: None,
-    };
+    let tokens = sealed(integration.id, now);
     assert_eq!(app.db.upsert_tokens(&tokens).await.expect("insert"), 1);
     assert_eq!(app.db.upsert_tokens(&tokens).await.expect("update"), 2);
     let read = app
