@@ -152,12 +152,7 @@ async fn burst(
             measured.first_error.get_or_insert(format!("{err:#}"));
         }
     }
-    measured.elapsed = released.elapsed();
-    measured.cpu = cpu_start
-        .zip(CpuSample::now())
-        .and_then(|(start, end)| end.since(start));
-    measured.latencies.sort_unstable();
-    Ok(measured)
+    Ok(measured.close(cpu_start, released.elapsed()))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -744,12 +744,7 @@ async fn closed_loop(
             }
         }
     }
-    total.elapsed = start.elapsed();
-    total.cpu = cpu_start
-        .zip(CpuSample::now())
-        .and_then(|(start, end)| end.since(start));
-    total.latencies.sort_unstable();
-    total
+    total.close(cpu_start, start.elapsed())
 }
 
 /// One request on `connection`, opening it first if there is none; a connection that failed
@@ -823,6 +818,16 @@ impl Measured {
     fn finish(mut self) -> Self {
         self.latencies.sort_unstable();
         self
+    }
+
+    /// Ends a phase that began at `cpu_start` and took `elapsed`: its CPU use, its latencies
+    /// sorted.
+    fn close(mut self, cpu_start: Option<CpuSample>, elapsed: StdDuration) -> Self {
+        self.elapsed = elapsed;
+        self.cpu = cpu_start
+            .zip(CpuSample::now())
+            .and_then(|(start, end)| end.since(start));
+        self.finish()
     }
 }
 
@@ -1022,11 +1027,7 @@ async fn refresh_storm(
         }
     }
     let wall = released.elapsed();
-    measured.elapsed = wall;
-    measured.cpu = cpu_start
-        .zip(CpuSample::now())
-        .and_then(|(start, end)| end.since(start));
-    measured.latencies.sort_unstable();
+    let measured = measured.close(cpu_start, wall);
     let storm = Storm {
         callers,
         provider_latency: options.provider_latency,

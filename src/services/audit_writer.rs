@@ -34,8 +34,8 @@ const QUEUE_CAPACITY: usize = 8192;
 const MAX_BATCH: usize = 256;
 /// Open hand-out counts at most; past this many they are all written at once.
 const MAX_OPEN_COUNTS: usize = 8192;
-/// How long a batch of only queued events (nobody waits for their commit) waits for more to
-/// share its commit. Each commit costs the database a log flush, so under a stream of
+/// With a hand-out window of zero, how long a batch of only hand-out rows (nobody waits for
+/// their commit) waits for more to share its commit. Each commit costs the database a log flush, so under a stream of
 /// hand-outs this turns hundreds of small commits per second into a few dozen full ones. An
 /// awaited append or a flush ends the wait at once, so it delays no caller.
 const LINGER: Duration = Duration::from_millis(20);
@@ -43,7 +43,7 @@ const LINGER: Duration = Duration::from_millis(20);
 type Ack = oneshot::Sender<Result<i64, String>>;
 
 enum Message {
-    Append(Box<NewAuditEvent>, Option<Ack>),
+    Append(Box<NewAuditEvent>, Ack),
     /// A hand-out: counted (coalesced) unless the window is zero.
     Count(Box<NewAuditEvent>),
     Flush(oneshot::Sender<()>),
@@ -73,7 +73,7 @@ impl AuditWriter {
         event: NewAuditEvent,
     ) -> ServiceResult<i64> {
         let (ack, done) = oneshot::channel();
-        self.send(deps, Message::Append(Box::new(event), Some(ack)))
+        self.send(deps, Message::Append(Box::new(event), ack))
             .await?;
         done.await
             .map_err(|_| stopped())?
@@ -129,7 +129,8 @@ async fn run(mut receiver: mpsc::Receiver<Message>, deps: WriterDeps) {
     let mut heads_since = Instant::now();
     loop {
         let open = receive(&mut receiver, &mut messages, tally.next_due()).await;
-        if !messages.is_empty() {
+        // Counted hand-outs wait in the tally anyway; only a row per hand-out needs company.
+        if !messages.is_empty() && tally.window().is_zero() {
             linger(&mut receiver, &mut messages).await;
         }
         if heads_since.elapsed() > HEADS_KEPT_FOR || heads.len() > HEADS_KEPT_AT_MOST {
@@ -180,7 +181,7 @@ impl Batch {
             match message {
                 Message::Append(event, ack) => {
                     fresh.push(*event);
-                    acks.push(ack);
+                    acks.push(Some(ack));
                 }
                 Message::Count(event) if window_is_zero => {
                     fresh.push(*event);
@@ -226,7 +227,7 @@ async fn linger(receiver: &mut mpsc::Receiver<Message>, messages: &mut Vec<Messa
 impl Message {
     fn is_awaited(&self) -> bool {
         match self {
-            Message::Append(_, ack) => ack.is_some(),
+            Message::Append(..) => true,
             Message::Count(_) => false,
             Message::Flush(_) => true,
         }

@@ -133,24 +133,30 @@ impl Flights {
 }
 
 impl Registry {
-    fn flight(&self, id: Uuid, create: bool) -> Option<Arc<Flight>> {
-        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
-        if locks.len() > 1024 {
-            locks.retain(|_, weak| weak.strong_count() > 0);
-        }
-        match locks.get(&id).and_then(Weak::upgrade) {
-            Some(flight) => Some(flight),
-            None if create => {
-                let flight = Arc::new(Flight::default());
-                locks.insert(id, Arc::downgrade(&flight));
-                Some(flight)
-            }
-            None => None,
-        }
+    fn locks(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Weak<Flight>>> {
+        self.locks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The flight of `id`, if anyone holds or awaits its lock.
+    fn running(&self, id: Uuid) -> Option<Arc<Flight>> {
+        self.locks().get(&id).and_then(Weak::upgrade)
     }
 
     async fn lock(&self, id: Uuid) -> FlightGuard {
-        let flight = self.flight(id, true).unwrap_or_default();
+        let flight = {
+            let mut locks = self.locks();
+            if locks.len() > 1024 {
+                locks.retain(|_, weak| weak.strong_count() > 0);
+            }
+            match locks.get(&id).and_then(Weak::upgrade) {
+                Some(flight) => flight,
+                None => {
+                    let flight = Arc::new(Flight::default());
+                    locks.insert(id, Arc::downgrade(&flight));
+                    flight
+                }
+            }
+        };
         crate::metrics::single_flight_lock(&flight);
         let guard = flight.lock.clone().lock_owned().await;
         FlightGuard {
@@ -162,7 +168,7 @@ impl Registry {
     /// Waits until the holder of `id`'s lock (if there is one) lets go of it; says whether
     /// there was one. Does not take the lock.
     async fn wait_for_running(&self, id: Uuid) -> bool {
-        let Some(flight) = self.flight(id, false) else {
+        let Some(flight) = self.running(id) else {
             return false;
         };
         crate::metrics::single_flight_lock(&flight);

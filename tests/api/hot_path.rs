@@ -6,24 +6,13 @@ use std::time::Duration as StdDuration;
 
 use serde_json::Value;
 
-use crate::lifecycle::{connected, get_token};
+use crate::lifecycle::{connected, disconnect, get_token};
 use oauth_manager::storage::audit::AuditEvent;
 
 use crate::support::{audit_events, problem, spawn_with_fake_and, TestApp};
 
 async fn hand_out_status(app: &TestApp, id: &str) -> u16 {
     get_token(app, id).await.status().as_u16()
-}
-
-async fn disconnect(app: &TestApp, id: &str) {
-    let response = app
-        .http
-        .delete(app.url(&format!("/api/v1/oauth/integrations/{id}")))
-        .bearer_auth(app.token("alice", &["user"]))
-        .send()
-        .await
-        .expect("disconnect");
-    assert!(response.status().is_success(), "{}", response.status());
 }
 
 #[tokio::test]

@@ -438,7 +438,7 @@ async fn the_background_worker_refreshes_each_due_integration_once_across_two_wo
     assert_eq!(fake.count_grant("google", "refresh_token"), 6);
 }
 
-async fn disconnect(app: &TestApp, id: &str) -> Value {
+pub async fn disconnect(app: &TestApp, id: &str) -> Value {
     let response = app
         .http
         .delete(app.url(&format!("/api/v1/oauth/integrations/{id}")))

@@ -6,11 +6,9 @@
 use std::time::Duration as StdDuration;
 
 use chrono::Duration;
-use serde_json::json;
 
-use crate::connect::connect;
-use crate::lifecycle::spawn_token_call;
-use crate::support::fake_provider::{Consent, Endpoint, Fault};
+use crate::lifecycle::{connected, spawn_token_call};
+use crate::support::fake_provider::{Endpoint, Fault};
 use crate::support::{spawn_app, spawn_with_fake_and, TestApp};
 use oauth_manager::services::worker::{self, WorkerSettings};
 
@@ -76,17 +74,7 @@ async fn requests_refreshes_waits_the_worker_queue_and_429s_are_counted() {
         ("OAUTH_RATE_LIMIT_PER_MINUTE", "20"),
     ])
     .await;
-    let (status, result) = connect(
-        &app,
-        &fake,
-        "google",
-        "alice",
-        Consent::user("g-1"),
-        json!({}),
-    )
-    .await;
-    assert_eq!(status, 200, "{result}");
-    let id = result["integration_id"].as_str().expect("id").to_owned();
+    let id = connected(&app, &fake, "google", "g-1").await;
     let token_route = [
         ("method", "GET"),
         ("route", "/api/v1/oauth/integrations/{id}/token"),
@@ -160,17 +148,7 @@ async fn requests_refreshes_waits_the_worker_queue_and_429s_are_counted() {
 #[tokio::test]
 async fn failed_refreshes_are_counted_by_their_class() {
     let (app, fake) = spawn_with_fake_and(&[("OAUTH_METRICS_ADDR", "127.0.0.1:0")]).await;
-    let (status, result) = connect(
-        &app,
-        &fake,
-        "google",
-        "alice",
-        Consent::user("g-1"),
-        json!({}),
-    )
-    .await;
-    assert_eq!(status, 200, "{result}");
-    let id = result["integration_id"].as_str().expect("id");
+    let id = connected(&app, &fake, "google", "g-1").await;
     let labels = [("provider", "google"), ("outcome", "invalid_grant")];
     let before = value(&scrape(&app).await, "oauth_refreshes_total", &labels);
     fake.revoke_all_grants("google", "g-1");
