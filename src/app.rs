@@ -118,8 +118,13 @@ pub async fn build_services(
         .provider_timeout
         .to_std()
         .unwrap_or(crate::oauth::TOTAL_TIMEOUT);
-    let http = crate::oauth::http_client_with_timeout(timeout)
-        .map_err(|err| StartupError::Http(err.to_string()))?;
+    let client = || {
+        crate::oauth::http_client_with_timeout(timeout)
+            .map_err(|err| StartupError::Http(err.to_string()))
+    };
+    let http = client()?;
+    let lane = crate::services::lane::Lane::start(client()?)
+        .map_err(|err| StartupError::Http(format!("the refresh lane does not start: {err}")))?;
     for declared in config
         .declared_providers
         .iter_mut()
@@ -150,6 +155,7 @@ pub async fn build_services(
             config.audit_hand_out_window,
         ),
         tokens_cache: crate::services::token_cache::TokenCache::new(config.lifecycle.token_cache),
+        lane: Arc::new(lane),
     })
 }
 

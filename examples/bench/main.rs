@@ -47,6 +47,9 @@ use tokio::sync::{oneshot, Barrier};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use fake_provider::{Consent, Endpoint, FakeProvider, Fault};
 use oauth_manager::app::Application;
 use oauth_manager::clock::{Clock, SystemClock};
@@ -69,6 +72,8 @@ const USAGE: &str = "usage: cargo run --release --example bench -- [options]
   --connections N          concurrent keep-alive connections (default 64)
   --integrations N         integrations seeded per backend (default 1000)
   --storm N                concurrent callers in the refresh storm (default 1000)
+  --storm-rounds N         storms per backend, each on a newly connected integration; the
+                           report shows the slowest (default 1)
   --provider-latency-ms N  latency of the fake token endpoint in the storm and the fleet
                            phase (default 50)
   --flows N                concurrent complete connect flows in the burst (default 1000)
@@ -107,6 +112,7 @@ struct Options {
     connections: usize,
     integrations: usize,
     storm: usize,
+    storm_rounds: usize,
     provider_latency: StdDuration,
     /// Concurrent complete connect flows in the burst.
     flows: usize,
@@ -124,6 +130,7 @@ fn parse_args() -> anyhow::Result<Options> {
     let mut connections = 64;
     let mut integrations = 1000;
     let mut storm = 1000;
+    let mut storm_rounds = 1;
     let mut latency_ms = 50;
     let mut flows = 1000;
     let mut fleet = 100_000;
@@ -157,6 +164,7 @@ fn parse_args() -> anyhow::Result<Options> {
             "--connections" => connections = usize::try_from(number(value()?)?.max(1))?,
             "--integrations" => integrations = usize::try_from(number(value()?)?.max(1))?,
             "--storm" => storm = usize::try_from(number(value()?)?.max(1))?,
+            "--storm-rounds" => storm_rounds = usize::try_from(number(value()?)?.clamp(1, 1000))?,
             "--provider-latency-ms" => latency_ms = number(value()?)?,
             "--flows" => flows = usize::try_from(number(value()?)?.max(1))?,
             "--fleet" => fleet = usize::try_from(number(value()?)?)?,
@@ -194,6 +202,7 @@ fn parse_args() -> anyhow::Result<Options> {
         connections,
         integrations,
         storm,
+        storm_rounds,
         provider_latency: StdDuration::from_millis(latency_ms),
         flows,
         fleet,
@@ -322,6 +331,40 @@ struct Service {
     stop: oneshot::Sender<()>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     _providers_dir: tempfile::TempDir,
+    /// The service's own runtime (declared last: dropped after the rest).
+    _runtime: ServiceRuntime,
+}
+
+/// The service runs on a runtime of its own, with as many worker threads as `serve` has: the
+/// load generator's tasks must not queue in the same scheduler as the service's (in a shared
+/// one, a request waits behind every generator task runnable when it arrived, which a real
+/// client on its own process does not cause).
+struct ServiceRuntime(Option<tokio::runtime::Runtime>);
+
+impl ServiceRuntime {
+    fn start() -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("service")
+            .enable_all()
+            .build()?;
+        Ok(Self(Some(runtime)))
+    }
+
+    fn handle(&self) -> anyhow::Result<&tokio::runtime::Handle> {
+        self.0
+            .as_ref()
+            .map(tokio::runtime::Runtime::handle)
+            .ok_or_else(|| anyhow!("the service runtime is gone"))
+    }
+}
+
+impl Drop for ServiceRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which is not allowed inside the bench's own runtime.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Builds the configuration from environment-style variables, as `serve` (and the tests'
@@ -360,17 +403,26 @@ async fn start_service(database_url: &str, fake: &FakeProvider) -> anyhow::Resul
             providers_file.to_string_lossy().into_owned(),
         ),
     ]);
-    let application = Application::build(config_from(&vars)?, Arc::new(SystemClock))
-        .await
-        .map_err(|err| anyhow!("the service does not start: {err}"))?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = format!("http://{}", listener.local_addr()?);
-    let state = application.state.clone();
+    let config = config_from(&vars)?;
+    let runtime = ServiceRuntime::start()?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(application.serve(listener, async {
-        let _ = stopped.await;
-    }));
+    let (address, state, server) = runtime
+        .handle()?
+        .spawn(async move {
+            let application = Application::build(config, Arc::new(SystemClock))
+                .await
+                .map_err(|err| anyhow!("the service does not start: {err}"))?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let address = format!("http://{}", listener.local_addr()?);
+            let state = application.state.clone();
+            let server = tokio::spawn(application.serve(listener, async {
+                let _ = stopped.await;
+            }));
+            Ok::<_, anyhow::Error>((address, state, server))
+        })
+        .await??;
     Ok(Service {
+        _runtime: runtime,
         api: Api {
             address,
             jwt_secret,
@@ -882,6 +934,10 @@ struct Storm {
     measured: Measured,
     /// From the release of the callers to the last answer.
     wall: StdDuration,
+    /// From the release of the callers to the provider's receipt of the refresh request.
+    provider_called_after: Option<StdDuration>,
+    /// From the release of the callers to the first answer.
+    first_answer_after: StdDuration,
 }
 
 impl Storm {
@@ -894,6 +950,16 @@ impl Storm {
         self.provider_refreshes == 1
             && self.measured.errors == 0
             && self.over_provider_latency() <= 50_000_000
+    }
+}
+
+/// Turns a profiler on or off around the storm: `BENCH_PERF_CTL` names the control FIFO of
+/// `perf record --control fifo:PATH --delay=-1` (profile the storm alone, not its set-up).
+fn profiler(command: &str) {
+    if let Some(path) = std::env::var_os("BENCH_PERF_CTL") {
+        if let Err(err) = std::fs::write(&path, format!("{command}\n")) {
+            eprintln!("  warning: {command} the profiler: {err}");
+        }
     }
 }
 
@@ -944,9 +1010,10 @@ async fn refresh_storm(
     fake: &FakeProvider,
     client: &reqwest::Client,
     options: &Options,
+    round: usize,
 ) -> anyhow::Result<Storm> {
-    let id =
-        connect_through_the_fake(&service.api, fake, client, "storm-user", "storm-subject").await?;
+    let subject = format!("storm-subject-{round}");
+    let id = connect_through_the_fake(&service.api, fake, client, "storm-user", &subject).await?;
     expire(service, id).await?;
     let callers = options.storm;
     // Open the callers' connections first: the storm measures the service, not TCP set-up.
@@ -998,6 +1065,7 @@ async fn refresh_storm(
                     Ok(body)
                 });
             let latency = began.elapsed();
+            let answered = Instant::now();
             let token = result.and_then(|body| {
                 let value: Value = serde_json::from_slice(&body).map_err(|err| err.to_string())?;
                 Ok(value["access_token"]
@@ -1005,16 +1073,19 @@ async fn refresh_storm(
                     .unwrap_or_default()
                     .to_owned())
             });
-            (latency, token)
+            (latency, answered, token)
         });
     }
     let cpu_start = CpuSample::now();
+    profiler("enable");
     gate.wait().await;
     let released = Instant::now();
     let mut measured = Measured::default();
     let mut tokens = HashSet::new();
+    let mut first_answer = None::<Instant>;
     while let Some(done) = tasks.join_next().await {
-        let (latency, token) = done?;
+        let (latency, answered, token) = done?;
+        first_answer = Some(first_answer.map_or(answered, |first| first.min(answered)));
         measured.latencies.push(nanos(latency));
         match token {
             Ok(token) => {
@@ -1027,8 +1098,17 @@ async fn refresh_storm(
         }
     }
     let wall = released.elapsed();
+    profiler("disable");
     let measured = measured.close(cpu_start, wall);
+    let provider_called_after = fake
+        .requests_to(PROVIDER, Endpoint::Token)
+        .iter()
+        .filter(|request| request.at >= released)
+        .map(|request| request.at - released)
+        .min();
     let storm = Storm {
+        provider_called_after,
+        first_answer_after: first_answer.map_or(StdDuration::ZERO, |first| first - released),
         callers,
         provider_latency: options.provider_latency,
         provider_refreshes: fake.count_grant(PROVIDER, "refresh_token") - before,
@@ -1037,7 +1117,7 @@ async fn refresh_storm(
         wall,
     };
     eprintln!(
-        "  refresh storm: {} provider refresh(es), {} distinct token(s), {} errors{}, p50 {} ms, p99 {} ms, max {} ms, last answer after {} ms",
+        "  refresh storm: {} provider refresh(es), {} distinct token(s), {} errors{}, p50 {} ms, p99 {} ms, max {} ms; provider called after {} ms, first answer after {} ms, last after {} ms; {}",
         storm.provider_refreshes,
         storm.distinct_tokens,
         storm.measured.errors,
@@ -1050,7 +1130,12 @@ async fn refresh_storm(
         ms(storm.measured.percentile(0.50)),
         ms(storm.measured.percentile(0.99)),
         ms(storm.measured.max()),
+        storm
+            .provider_called_after
+            .map_or_else(|| "-".to_owned(), |after| ms(nanos(after))),
+        ms(nanos(storm.first_answer_after)),
         ms(nanos(storm.wall)),
+        cpu(&storm.measured),
     );
     Ok(storm)
 }
@@ -1121,7 +1206,13 @@ async fn run_on(
     let mut measured = alternate(&loads, options).await.into_iter();
     let healthz = measured.next().unwrap_or_default();
     let token = measured.next().unwrap_or_default();
-    let storm = refresh_storm(&service, &fake, &client, options).await?;
+    let mut storm = refresh_storm(&service, &fake, &client, options, 0).await?;
+    for round in 1..options.storm_rounds {
+        let next = refresh_storm(&service, &fake, &client, options, round).await?;
+        if next.over_provider_latency() > storm.over_provider_latency() {
+            storm = next;
+        }
+    }
     let flows = fleet::connect_flows(&service.api, &fake, &client, options.flows).await?;
     drop(client);
     let fleet = if options.fleet > 0 {

@@ -192,7 +192,7 @@ impl AuditChains {
             salt: Arc::default(),
             retention: retention_days.map(|days| Duration::days(i64::from(days))),
             hand_out_window,
-            writer: AuditWriter::default(),
+            writer: AuditWriter::on_current_runtime(),
         }
     }
 

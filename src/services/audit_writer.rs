@@ -50,10 +50,13 @@ enum Message {
 }
 
 /// The process's audit writer; clones share the queue. The task starts on first use, on the
-/// runtime of its first caller, and ends when the last clone is dropped.
+/// runtime the writer was made on (else its first caller's), and ends when the last clone is
+/// dropped.
 #[derive(Debug, Clone, Default)]
 pub struct AuditWriter {
     queue: Arc<OnceLock<mpsc::Sender<Message>>>,
+    /// Where the task runs: not on the refresh lane, whose caller may happen to be first.
+    home: Option<tokio::runtime::Handle>,
 }
 
 /// What the writer task needs: the chains' salt, the database, the clock (for the salt's
@@ -66,6 +69,14 @@ pub struct WriterDeps {
 }
 
 impl AuditWriter {
+    /// A writer whose task will run on the current runtime, whoever uses it first.
+    pub fn on_current_runtime() -> Self {
+        Self {
+            queue: Arc::default(),
+            home: tokio::runtime::Handle::try_current().ok(),
+        }
+    }
+
     /// Appends `event` and waits until it is committed; returns its row id.
     pub async fn append(
         &self,
@@ -104,7 +115,11 @@ impl AuditWriter {
     async fn send(&self, deps: impl FnOnce() -> WriterDeps, message: Message) -> ServiceResult<()> {
         let queue = self.queue.get_or_init(|| {
             let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
-            tokio::spawn(run(receiver, deps()));
+            let task = run(receiver, deps());
+            match &self.home {
+                Some(home) => drop(home.spawn(task)),
+                None => drop(tokio::spawn(task)),
+            }
             sender
         });
         queue.send(message).await.map_err(|_| stopped())

@@ -108,13 +108,14 @@ pub async fn disconnect(
 /// Takes the token row's refresh lease, waiting up to a lease's length for a refresher
 /// elsewhere to finish; `None` when there is no row or the wait ran out (disconnect anyway).
 async fn wait_for_lease(ctx: &Context, id: Uuid) -> ServiceResult<Option<String>> {
-    let lease = format!("{}:{}", ctx.instance_id, Uuid::new_v4());
+    let lease = ctx.new_lease("");
+    let ours = ctx.own_leases();
     let deadline = std::time::Instant::now() + ctx.lifecycle.lease.to_std().unwrap_or_default();
     loop {
         let now = ctx.clock.now();
         if ctx
             .db
-            .try_lease_tokens(id, &lease, now, now + ctx.lifecycle.lease)
+            .try_lease_tokens(id, &lease, &ours, now, now + ctx.lifecycle.lease)
             .await?
         {
             return Ok(Some(lease));

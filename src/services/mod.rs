@@ -11,6 +11,7 @@ pub mod disconnect;
 pub mod flow;
 pub mod integrations;
 pub mod keys;
+pub mod lane;
 pub mod privacy;
 pub mod token_cache;
 pub mod tokens;
@@ -44,15 +45,37 @@ pub struct Context {
     pub lifecycle: tokens::LifecycleSettings,
     /// In-process single-flight locks, one per integration being refreshed.
     pub flights: Arc<tokens::Flights>,
-    /// This process's name on refresh leases.
+    /// This process's name on refresh leases: every lease and worker claim it takes is owned
+    /// by `{instance_id}:…` ([`Context::new_lease`]).
     pub instance_id: Arc<str>,
     /// Audit hash chains: the cached digest salt, the retention period and the writer.
     pub audit: audit::AuditChains,
     /// Recently handed-out tokens (`OAUTH_TOKEN_CACHE_SECONDS`).
     pub tokens_cache: token_cache::TokenCache,
+    /// Where a token that many callers wait for is loaded and refreshed ([`lane`]).
+    pub lane: Arc<lane::Lane>,
 }
 
 impl Context {
+    /// A new lease owner of this process, `{instance_id}:{kind}{uuid}`: nobody else can
+    /// release or re-take it.
+    pub fn new_lease(&self, kind: &str) -> String {
+        format!("{}{kind}{}", self.own_leases(), uuid::Uuid::new_v4())
+    }
+
+    /// The owner prefix every lease of this process starts with.
+    pub fn own_leases(&self) -> String {
+        format!("{}:", self.instance_id)
+    }
+
+    /// This context for work on the [`lane`]: provider calls go through the lane's client.
+    pub fn for_lane(&self) -> Context {
+        Context {
+            http: self.lane.http.clone(),
+            ..self.clone()
+        }
+    }
+
     /// The redirect URI registered at a provider: `{OAUTH_PUBLIC_URL}/api/v1/oauth/callback/{name}`.
     pub fn redirect_uri(&self, provider: &str) -> String {
         let base = self.public_url.as_str().trim_end_matches('/');

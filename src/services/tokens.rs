@@ -3,8 +3,10 @@
 //! **Single flight.** Inside a process, one task per integration refreshes while the others wait
 //! on a per-integration mutex ([`Flights`]); across processes, the refresher holds a lease on
 //! the token row (`lease_owner`/`lease_until`, taken by an atomic UPDATE on both backends) and
-//! the others poll until the row changes. Whoever gets in re-reads the stored tokens first, so
-//! any number of concurrent callers cause one provider refresh. Providers that rotate refresh
+//! the others poll until the row changes. The lease is only granted while the row is as its
+//! taker last read it (same generation, integration active, no back-off): whoever gets it
+//! refreshes exactly what it saw, so any number of concurrent callers cause one provider
+//! refresh. Providers that rotate refresh
 //! tokens revoke the whole grant when an old one is reused, so this is what keeps connections
 //! alive.
 //!
@@ -42,7 +44,7 @@ use crate::oauth::{request_token, FailureClass, TokenError, TokenGrant, TokenRes
 use crate::providers::RefreshRotation;
 use crate::storage::audit::{NewAuditEvent, Outcome};
 use crate::storage::integrations::{Integration, IntegrationStatus};
-use crate::storage::tokens::SealedTokens;
+use crate::storage::tokens::{LeaseCheck, SealedTokens};
 
 /// Timing of the lifecycle; configurable through the environment (see the README).
 #[derive(Debug, Clone, Copy)]
@@ -93,9 +95,10 @@ struct Registry {
 #[derive(Debug, Default)]
 struct Flight {
     lock: Arc<Mutex<()>>,
-    /// Notified whenever a holder lets go: waiters that only want the result wake together,
-    /// instead of taking the lock one after another (a chain of a thousand hand-overs was
-    /// most of the refresh storm's tail).
+    /// Notified whenever a holder lets go, or has put its result in the token cache
+    /// ([`Flights::publish`]): waiters that only want the result wake together, instead of
+    /// taking the lock one after another (a chain of a thousand hand-overs was most of the
+    /// refresh storm's tail).
     released: Notify,
 }
 
@@ -123,12 +126,21 @@ impl Flights {
         self.loads.lock(id).await
     }
 
-    /// Waits for a load or a refresh of `id` under way in this process; says whether there
-    /// was one (its result is then in the token cache, unless it failed).
+    /// Waits for a load or a refresh of `id` under way in this process to finish or to
+    /// publish its result; says whether there was one (its result is then in the token cache,
+    /// unless it failed).
     pub async fn wait_for_running(&self, id: Uuid) -> bool {
-        let loaded = self.loads.wait_for_running(id).await;
-        let refreshed = self.refreshes.wait_for_running(id).await;
-        loaded || refreshed
+        self.loads.wait_for_running(id).await || self.refreshes.wait_for_running(id).await
+    }
+
+    /// Wakes everyone waiting on a load or refresh of `id`: its result is in the token cache.
+    /// The refresher still has its audit record to commit; the waiters need not wait for that.
+    pub fn publish(&self, id: Uuid) {
+        for registry in [&self.loads, &self.refreshes] {
+            if let Some(flight) = registry.running(id) {
+                flight.released.notify_waiters();
+            }
+        }
     }
 }
 
@@ -237,17 +249,20 @@ pub async fn access_token(
         .await;
         return Ok(issued);
     }
-    let start = ctx.tokens_cache.read_start();
-    let integration = integrations::visible(ctx, actor, id, client).await?;
-    let result = usable_tokens(
-        ctx,
-        &integration,
-        Trigger::OnDemand,
-        actor.user_id(),
-        client,
-        start,
-    )
-    .await;
+    // On the lane: the callers waiting for this one must not wait for the whole crowd too.
+    let (integration, result) = {
+        let (lane, actor, client) = (ctx.for_lane(), actor.clone(), client.clone());
+        ctx.lane
+            .run(async move {
+                let start = lane.tokens_cache.read_start();
+                let integration = integrations::visible(&lane, &actor, id, &client).await?;
+                let tokens = Trigger::OnDemand;
+                let user = actor.user_id();
+                let result = usable_tokens(&lane, &integration, tokens, user, &client, start).await;
+                Ok((integration, result))
+            })
+            .await?
+    };
     let outcome = if result.is_ok() {
         Outcome::Success
     } else {
@@ -461,42 +476,46 @@ pub async fn ensure_fresh(
             .put_read(start, integration, &current, sealed.updated_at);
         return Ok(current);
     }
-    let task = tokio::spawn(single_flight(
-        ctx.clone(),
-        integration.clone(),
+    let wanted = Wanted {
+        integration: integration.clone(),
         trigger,
-        actor.to_owned(),
-        client.clone(),
-        None,
-    ));
-    task.await
-        .map_err(|err| ServiceError::Internal(format!("refresh task failed: {err}")))?
+        actor: actor.to_owned(),
+        client: client.clone(),
+        seen: Some(Seen { sealed, current }),
+        claimed: None,
+    };
+    let task = tokio::spawn(single_flight(ctx.clone(), wanted));
+    let flown = task
+        .await
+        .map_err(|err| ServiceError::Internal(format!("refresh task failed: {err}")))??;
+    Ok(flown.tokens)
 }
 
-/// The background worker's refresh of an integration it claimed with the lease `claim`: the
-/// claim is handed over to the refresh, never released in between (another worker could
-/// claim the row in that gap).
+/// The background worker's refresh of an integration it claimed with the lease `claim`, as it
+/// read it (`sealed`) when claiming: the claim is handed over to the refresh, never released
+/// in between (another worker could claim the row in that gap). True when this call refreshed.
 pub async fn refresh_claimed(
     ctx: &Context,
     integration: &Integration,
+    sealed: SealedTokens,
     window: Duration,
     claim: &str,
-) -> ServiceResult<TokenSet> {
-    let trigger = Trigger::Background { window };
-    let client = RequestContext::default();
+) -> ServiceResult<bool> {
+    let current = ctx.vault.open(&integration.user_id, &sealed)?;
     let handoff = Claim {
         owner: claim.to_owned(),
         transferred: Arc::new(AtomicBool::new(false)),
     };
     let transferred = handoff.transferred.clone();
-    let task = tokio::spawn(single_flight(
-        ctx.clone(),
-        integration.clone(),
-        trigger,
-        WORKER_ACTOR.to_owned(),
-        client,
-        Some(handoff),
-    ));
+    let wanted = Wanted {
+        integration: integration.clone(),
+        trigger: Trigger::Background { window },
+        actor: WORKER_ACTOR.to_owned(),
+        client: RequestContext::default(),
+        seen: Some(Seen { sealed, current }),
+        claimed: Some(handoff),
+    };
+    let task = tokio::spawn(single_flight(ctx.clone(), wanted));
     let result = task
         .await
         .map_err(|err| ServiceError::Internal(format!("refresh task failed: {err}")))?;
@@ -505,7 +524,7 @@ pub async fn refresh_claimed(
     if !transferred.load(Ordering::Acquire) {
         ctx.db.release_token_lease(integration.id, claim).await?;
     }
-    result
+    result.map(|flown| flown.refreshed)
 }
 
 /// A worker's claim on a token row, handed over to the refresh that takes the lease.
@@ -524,98 +543,154 @@ const USABLE_WHILE_WAITING: Duration = Duration::seconds(30);
 /// How long a caller waits for another replica's refresh before answering 503.
 const WAIT_FOR_OTHER_REFRESHER: StdDuration = StdDuration::from_secs(20);
 
-async fn single_flight(
-    ctx: Context,
+/// One refresh wanted: of what, why, for whom, and what the caller already read.
+struct Wanted {
     integration: Integration,
     trigger: Trigger,
     actor: String,
     client: RequestContext,
-    mut claimed: Option<Claim>,
-) -> ServiceResult<TokenSet> {
+    /// The token row as the caller read it (with `integration`) before asking: the first
+    /// attempt leases on the condition that nothing changed since, instead of reading again.
+    seen: Option<Seen>,
+    claimed: Option<Claim>,
+}
+
+struct Seen {
+    sealed: SealedTokens,
+    current: TokenSet,
+}
+
+/// What a single flight ends with.
+struct Flown {
+    tokens: TokenSet,
+    /// This flight got new tokens from the provider.
+    refreshed: bool,
+}
+
+impl Flown {
+    fn unchanged(tokens: TokenSet) -> Self {
+        Self {
+            tokens,
+            refreshed: false,
+        }
+    }
+}
+
+async fn single_flight(ctx: Context, wanted: Wanted) -> ServiceResult<Flown> {
     let ctx = &ctx;
+    let Wanted {
+        integration,
+        trigger,
+        actor,
+        client,
+        mut seen,
+        mut claimed,
+    } = wanted;
     let _flight = ctx.flights.lock(integration.id).await;
     // Waiters of a refresh in this process find its result here without a database read.
     if let Some(cached) = fresh_in_cache(ctx, integration.id, &trigger) {
-        return Ok(cached.tokens.clone());
+        return Ok(Flown::unchanged(cached.tokens.clone()));
     }
     let deadline = Instant::now() + WAIT_FOR_OTHER_REFRESHER;
     loop {
         let now = ctx.clock.now();
-        let sealed = ctx
-            .db
-            .get_tokens(integration.id)
-            .await?
-            .ok_or_else(|| reauth(&integration))?;
-        let current = ctx.vault.open(&integration.user_id, &sealed)?;
+        let first_look = seen.is_some();
+        let (sealed, current, status) = match seen.take() {
+            Some(Seen { sealed, current }) => (sealed, current, integration.status),
+            None => {
+                let sealed = ctx
+                    .db
+                    .get_tokens(integration.id)
+                    .await?
+                    .ok_or_else(|| reauth(&integration))?;
+                let current = ctx.vault.open(&integration.user_id, &sealed)?;
+                if !needs_refresh(&trigger, &current, sealed.updated_at, now, &ctx.lifecycle) {
+                    return Ok(Flown::unchanged(current));
+                }
+                // A caller before us may have given up on this integration, or be backing off.
+                let latest = ctx
+                    .db
+                    .get_integration(integration.id)
+                    .await?
+                    .ok_or(ServiceError::NotFound)?;
+                (sealed, current, latest.status)
+            }
+        };
         if !needs_refresh(&trigger, &current, sealed.updated_at, now, &ctx.lifecycle) {
-            return Ok(current);
+            return Ok(Flown::unchanged(current));
         }
-        // A caller before us may have given up on this integration, or be backing off.
-        let latest = ctx
-            .db
-            .get_integration(integration.id)
-            .await?
-            .ok_or(ServiceError::NotFound)?;
-        match latest.status {
+        match status {
             IntegrationStatus::Revoked => return Err(ServiceError::IntegrationRevoked),
             IntegrationStatus::NeedsReauth => return Err(reauth(&integration)),
             IntegrationStatus::Active | IntegrationStatus::Error => {}
         }
+        let forced = matches!(trigger, Trigger::Rejected { .. });
         if let Some(wait_until) = sealed.refresh_not_before.filter(|until| *until > now) {
-            if !matches!(trigger, Trigger::Rejected { .. }) {
+            if !forced {
                 return still_valid_or_unavailable(
                     current,
                     now,
                     wait_until,
                     "the provider failed recently; retrying later",
-                );
+                )
+                .map(Flown::unchanged);
             }
         }
         if current.refresh_token.is_none() {
-            return no_refresh_token(ctx, &integration, &trigger, &actor, &client).await;
+            return no_refresh_token(ctx, &integration, &trigger, &actor, &client)
+                .await
+                .map(Flown::unchanged);
         }
-        let lease = format!("{}:{}", ctx.instance_id, Uuid::new_v4());
+        let lease = ctx.new_lease("");
+        let ours = ctx.own_leases();
         let until = now + ctx.lifecycle.lease;
-        let taken = match claimed.take() {
+        // The lease is only granted if the row is still as read above (same generation, still
+        // active, not backing off): whoever gets it refreshes exactly what it saw.
+        let check = LeaseCheck {
+            generation: sealed.generation,
+            now,
+            honour_backoff: !forced,
+            ours: &ours,
+        };
+        let taken = match &claimed {
             Some(claim) => {
                 let moved = ctx
                     .db
-                    .transfer_token_lease(integration.id, &claim.owner, &lease, until)
+                    .transfer_token_lease(integration.id, &claim.owner, &lease, check, until)
                     .await?;
                 claim.transferred.store(moved, Ordering::Release);
+                // A claim on a row that changed since the worker read it is kept for one more
+                // look (read afresh); after that, a failed hand-over means the claim is gone.
+                if moved || !first_look {
+                    claimed = None;
+                }
                 moved
             }
             None => {
                 ctx.db
-                    .try_lease_tokens(integration.id, &lease, now, until)
+                    .lease_unchanged_tokens(integration.id, &lease, check, until)
                     .await?
             }
         };
         if taken {
-            // Another replica may have finished a refresh between our read and the lease.
-            match ctx.db.get_tokens(integration.id).await? {
-                Some(latest) if latest.generation == sealed.generation => {
-                    let leased = Leased {
-                        lease: &lease,
-                        sealed: latest,
-                        current,
-                    };
-                    return refresh_leased(ctx, &integration, &trigger, leased, &actor, &client)
-                        .await;
-                }
-                _ => {
-                    ctx.db.release_token_lease(integration.id, &lease).await?;
-                    continue;
-                }
-            }
+            let leased = Leased {
+                lease: &lease,
+                sealed,
+                current,
+            };
+            return refresh_leased(ctx, &integration, &trigger, leased, &actor, &client).await;
+        }
+        if first_look {
+            // The row changed since the caller read it, or someone holds the lease: look again.
+            continue;
         }
         // Another replica is refreshing: a token that still works for a while is good enough
         // meanwhile; one about to expire is not worth handing out, so wait for the new one.
         let usable = current
             .expires_at
             .is_none_or(|expires| expires - USABLE_WHILE_WAITING > now);
-        if usable && !matches!(trigger, Trigger::Rejected { .. }) {
-            return Ok(current);
+        if usable && !forced {
+            return Ok(Flown::unchanged(current));
         }
         if Instant::now() >= deadline {
             return Err(ServiceError::ProviderUnavailable {
@@ -738,7 +813,7 @@ async fn refresh_leased(
     leased: Leased<'_>,
     actor: &str,
     client: &RequestContext,
-) -> ServiceResult<TokenSet> {
+) -> ServiceResult<Flown> {
     let provider = match ctx.providers.get(&integration.provider) {
         Some(provider) if provider.credentials().is_some() => provider,
         Some(provider) => {
@@ -778,9 +853,17 @@ async fn refresh_leased(
     }
     match result {
         Ok(response) => {
-            store_refreshed(ctx, integration, provider, leased, response, actor, client).await
+            let tokens =
+                store_refreshed(ctx, integration, provider, leased, response, actor, client)
+                    .await?;
+            Ok(Flown {
+                tokens,
+                refreshed: true,
+            })
         }
-        Err(err) => refresh_failed(ctx, integration, trigger, leased, err, actor, client).await,
+        Err(err) => refresh_failed(ctx, integration, trigger, leased, err, actor, client)
+            .await
+            .map(Flown::unchanged),
     }
 }
 
@@ -847,6 +930,7 @@ async fn store_refreshed(
         refreshed.granted_scopes = scopes;
     }
     ctx.tokens_cache.put(&refreshed, &fresh, sealed.updated_at);
+    ctx.flights.publish(integration.id);
     let event = audit::event("token_refreshed", Outcome::Success, Some(actor), Some(&integration.user_id), client, now)
         .provider(&integration.provider)
         .integration(Some(integration.id))

@@ -21,6 +21,7 @@ use super::tokens::{background_due_at, backoff, refresh_claimed, WORKER_ACTOR};
 use super::{Context, ServiceResult};
 use crate::storage::audit::Outcome;
 use crate::storage::integrations::Integration;
+use crate::storage::tokens::SealedTokens;
 
 /// Expired authorization requests are kept this long for replayed callbacks, then purged.
 const STATE_RETENTION: Duration = Duration::hours(1);
@@ -118,7 +119,7 @@ async fn refresh_due(ctx: &Context, settings: &WorkerSettings, report: &mut Tick
         .collect();
     // This tick's claims carry their own token: releasing them can never touch a lease that
     // an on-demand refresh took meanwhile.
-    let claim = format!("{}:tick-{}", ctx.instance_id, Uuid::new_v4());
+    let claim = ctx.new_lease("tick-");
     let mut seen = HashSet::new();
     let mut tasks = JoinSet::new();
     loop {
@@ -155,13 +156,13 @@ async fn refresh_due(ctx: &Context, settings: &WorkerSettings, report: &mut Tick
             }
         };
         for id in fresh {
-            let Some((integration, before)) = claimed.remove(&id) else {
+            let Some((integration, sealed)) = claimed.remove(&id) else {
                 let _ = ctx.db.release_token_lease(id, &claim).await;
                 continue;
             };
             let refresh = Claimed {
                 integration,
-                before,
+                sealed,
                 claim: &claim,
             };
             spawn_refresh(&mut tasks, ctx, settings, &semaphores, refresh).await;
@@ -178,35 +179,34 @@ async fn refresh_due(ctx: &Context, settings: &WorkerSettings, report: &mut Tick
     }
 }
 
-/// The integrations among `ids` with the generation of their tokens (`None`: no tokens).
+/// The integrations among `ids` that have tokens, with their token rows.
 async fn read_claimed(
     ctx: &Context,
     ids: &[Uuid],
-) -> ServiceResult<HashMap<Uuid, (Integration, Option<i64>)>> {
-    let generations: HashMap<Uuid, i64> = ctx
+) -> ServiceResult<HashMap<Uuid, (Integration, SealedTokens)>> {
+    let mut tokens: HashMap<Uuid, SealedTokens> = ctx
         .db
         .get_tokens_of(ids)
         .await?
         .into_iter()
-        .map(|sealed| (sealed.integration_id, sealed.generation))
+        .map(|sealed| (sealed.integration_id, sealed))
         .collect();
     Ok(ctx
         .db
         .get_integrations(ids)
         .await?
         .into_iter()
-        .map(|integration| {
-            let before = generations.get(&integration.id).copied();
-            (integration.id, (integration, before))
+        .filter_map(|integration| {
+            let sealed = tokens.remove(&integration.id)?;
+            Some((integration.id, (integration, sealed)))
         })
         .collect())
 }
 
-/// A claimed integration as the tick read it.
+/// A claimed integration and its token row as read after the claim.
 struct Claimed<'a> {
     integration: Integration,
-    /// The generation of its tokens when claimed.
-    before: Option<i64>,
+    sealed: SealedTokens,
     claim: &'a str,
 }
 
@@ -219,12 +219,11 @@ async fn spawn_refresh(
 ) {
     let Claimed {
         integration,
-        before,
+        sealed,
         claim,
     } = claimed;
     let id = integration.id;
     let Some(semaphore) = semaphores.get(&integration.provider).cloned() else {
-        // A provider no longer configured: look again much later, not every tick.
         let _ = ctx.db.release_token_lease(id, claim).await;
         let _ = ctx
             .db
@@ -232,7 +231,6 @@ async fn spawn_refresh(
             .await;
         return;
     };
-    // Waiting here (not in the task) bounds the number of tasks as well as the requests.
     let Ok(permit) = semaphore.acquire_owned().await else {
         return;
     };
@@ -241,14 +239,15 @@ async fn spawn_refresh(
     let claim = claim.to_owned();
     tasks.spawn(async move {
         let _permit = permit;
-        let result = refresh_claimed(&ctx, &integration, window, &claim).await;
+        let result = refresh_claimed(&ctx, &integration, sealed, window, &claim).await;
+        if let Ok(true) = result {
+            return Refreshed::Yes;
+        }
+        // Not refreshed: see when it is due (not due yet) or how often it failed (back-off).
         let after = ctx.db.get_tokens(id).await.ok().flatten();
         let now = ctx.clock.now();
         match (result, after) {
-            (Ok(_), Some(after)) if Some(after.generation) != before => Refreshed::Yes,
             (Ok(_), Some(after)) => {
-                // Not due yet (a short-lived token is refreshed half-way, not at the window):
-                // look again when it is.
                 if let Some(due) = background_due_at(window, &after).filter(|due| *due > now) {
                     let _ = ctx.db.defer_refresh(id, due).await;
                 }
@@ -256,7 +255,6 @@ async fn spawn_refresh(
             }
             (Ok(_), None) => Refreshed::NotDue,
             (Err(_), after) => {
-                // Every failure class backs off, so nothing is retried on every tick.
                 let failures = after.map_or(0, |sealed| {
                     u32::try_from(sealed.refresh_failures).unwrap_or(0)
                 });

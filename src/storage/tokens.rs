@@ -69,6 +69,32 @@ pub(crate) const COLUMNS: &str =
     "integration_id, key_id, access_token, refresh_token, id_token, token_type, \
     expires_at, refresh_token_expires_at, generation, created_at, updated_at, refresh_failures, refresh_not_before";
 
+/// What a refresher saw before asking for the lease ([`Database::lease_unchanged_tokens`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseCheck<'a> {
+    pub generation: i64,
+    pub now: DateTime<Utc>,
+    /// False for a refresh the caller's API request forces (a token the provider rejected):
+    /// a back-off does not stop it.
+    pub honour_backoff: bool,
+    /// The owner prefix of this process's leases. The caller holds this process's lock of the
+    /// integration, so none of them is in use: a lease of a refresher that died with its task,
+    /// or the background worker's claim, whose refresh waits for that same lock (waiting for
+    /// the claim would deadlock with it).
+    pub ours: &'a str,
+}
+
+/// The row is as the refresher saw it: $1 integration, $4 now, $5 generation, $6 "ignore the
+/// back-off".
+macro_rules! unchanged {
+    () => {
+        "generation = $5 AND revoke_requested_at IS NULL \
+         AND ($6 OR refresh_not_before IS NULL OR refresh_not_before <= $4) \
+         AND EXISTS (SELECT 1 FROM oauth_integrations i WHERE i.id = $1 \
+         AND i.status IN ('active', 'error'))"
+    };
+}
+
 /// The claim of [`Database::claim_due_refreshes`]; `lock` is PostgreSQL's row-locking clause.
 ///
 /// `CROSS JOIN` fixes the join order on SQLite (tokens first, walked in `expires_at` order, so
@@ -168,24 +194,59 @@ pub struct QueuedRevocation {
 }
 
 impl Database {
-    /// Takes the refresh lease of an integration's tokens if nobody holds a live one.
+    /// Takes the refresh lease of an integration's tokens if nobody else holds a live one.
+    /// Each acquisition has its own owner token, so nobody can release or re-take a lease
+    /// that is not theirs; leases whose owner starts with `ours` count as free (see
+    /// [`LeaseCheck::ours`]).
     pub async fn try_lease_tokens(
         &self,
         integration_id: Uuid,
         owner: &str,
+        ours: &str,
         now: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> StorageResult<bool> {
-        // Each acquisition has its own owner token, so nobody can release or re-take a
-        // lease that is not theirs.
         let sql = "UPDATE oauth_tokens SET lease_owner = $2, lease_until = $3 \
                    WHERE integration_id = $1 AND revoke_requested_at IS NULL \
-                   AND (lease_until IS NULL OR lease_until <= $4)";
+                   AND (lease_until IS NULL OR lease_until <= $4 \
+                   OR substr(lease_owner, 1, length($5)) = $5)";
         let affected = with_writer!(self, pool => sqlx::query(sql)
             .bind(integration_id)
             .bind(owner)
             .bind(until)
             .bind(now)
+            .bind(ours)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(affected == 1)
+    }
+
+    /// Takes the refresh lease of a token row that is still as the caller last read it:
+    /// generation `seen.generation`, integration active (or in error), not being disconnected,
+    /// not leased by anyone else, and (with `seen.honour_backoff`) not backing off. One statement checks what
+    /// a refresher would otherwise re-read after taking the lease; false when anything changed.
+    pub async fn lease_unchanged_tokens(
+        &self,
+        integration_id: Uuid,
+        owner: &str,
+        seen: LeaseCheck<'_>,
+        until: DateTime<Utc>,
+    ) -> StorageResult<bool> {
+        let sql = concat!(
+            "UPDATE oauth_tokens SET lease_owner = $2, lease_until = $3 \
+             WHERE integration_id = $1 AND (lease_until IS NULL OR lease_until <= $4 \
+             OR substr(lease_owner, 1, length($7)) = $7) AND ",
+            unchanged!()
+        );
+        let affected = with_writer!(self, pool => sqlx::query(sql)
+            .bind(integration_id)
+            .bind(owner)
+            .bind(until)
+            .bind(seen.now)
+            .bind(seen.generation)
+            .bind(!seen.honour_backoff)
+            .bind(seen.ours)
             .execute(pool)
             .await
             .map(|done| done.rows_affected()))?;
@@ -193,21 +254,30 @@ impl Database {
     }
 
     /// Hands a held lease (the worker's claim) over to a new owner, atomically: no one else
-    /// can slip in between. False when `from` no longer holds it.
+    /// can slip in between. False when `from` no longer holds it, or when the row changed
+    /// since `seen` (as [`Database::lease_unchanged_tokens`] checks).
     pub async fn transfer_token_lease(
         &self,
         integration_id: Uuid,
         from: &str,
         to: &str,
+        seen: LeaseCheck<'_>,
         until: DateTime<Utc>,
     ) -> StorageResult<bool> {
-        let sql = "UPDATE oauth_tokens SET lease_owner = $3, lease_until = $4 \
-                   WHERE integration_id = $1 AND lease_owner = $2 AND revoke_requested_at IS NULL";
+        // $2 is `from` here; the shared conditions only use $1 and $4 to $6.
+        let sql = concat!(
+            "UPDATE oauth_tokens SET lease_owner = $7, lease_until = $3 \
+             WHERE integration_id = $1 AND lease_owner = $2 AND ",
+            unchanged!()
+        );
         let affected = with_writer!(self, pool => sqlx::query(sql)
             .bind(integration_id)
             .bind(from)
-            .bind(to)
             .bind(until)
+            .bind(seen.now)
+            .bind(seen.generation)
+            .bind(!seen.honour_backoff)
+            .bind(to)
             .execute(pool)
             .await
             .map(|done| done.rows_affected()))?;

@@ -751,3 +751,41 @@ async fn reconnecting_while_a_revocation_is_queued_keeps_the_new_tokens() {
     assert!(fake.is_token_active(&token));
     assert_eq!(status_of(&app, &id).await, "active");
 }
+
+/// The worker claims due rows in batches, then refreshes each under this process's lock of
+/// the integration. A hand-out or a disconnect holding that lock meanwhile must not wait for
+/// the claim: it is this process's own, and nothing refreshes under it while the lock is held.
+/// (Each waited for the other before: the hand-out answered 503 after 20 s, and a disconnect
+/// waited out the lease; the trace-level secrets test met it on PostgreSQL.)
+#[tokio::test]
+async fn this_process_s_own_worker_claim_blocks_neither_its_hand_out_nor_its_disconnect() {
+    let (app, fake) = spawn_with_fake().await;
+    let ctx = &app.state.services;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    let claim = format!("{}:tick-test", ctx.instance_id);
+    let claim_all = || async {
+        let now = app.clock.now();
+        let due = now + Duration::minutes(10);
+        let until = now + ctx.lifecycle.lease;
+        let claimed = app
+            .db
+            .claim_due_refreshes(&claim, now, due, until, 10)
+            .await;
+        assert_eq!(claimed.expect("claim").len(), 1);
+    };
+    let bounded = StdDuration::from_secs(10);
+    // Expired: the hand-out must refresh, not wait for the claim.
+    app.clock.advance(Duration::minutes(61));
+    claim_all().await;
+    let response = tokio::time::timeout(bounded, get_token(&app, &id))
+        .await
+        .expect("the hand-out waited for its own process's claim");
+    assert_eq!(response.status(), 200);
+    assert_eq!(fake.count_grant("google", "refresh_token"), 1);
+    app.clock.advance(Duration::minutes(61));
+    claim_all().await;
+    tokio::time::timeout(bounded, disconnect(&app, &id))
+        .await
+        .expect("the disconnect waited for its own process's claim");
+    assert_eq!(fake.count_grant("google", "refresh_token"), 1);
+}

@@ -331,3 +331,120 @@ async fn consents_scopes_and_audit_events_are_stored_and_listed() {
         .items
         .is_empty());
 }
+
+/// A refresher gets the lease only while the row is as it read it: this is what lets a
+/// refresher skip reading the row again after taking the lease (and the storm's leader reach
+/// the provider sooner). Each refusal below would otherwise refresh a token someone else
+/// already refreshed, or one whose integration was given up or disconnected.
+#[tokio::test]
+async fn a_refresh_lease_is_granted_only_on_the_row_as_it_was_read() {
+    use oauth_manager::storage::integrations::IntegrationStatus;
+    use oauth_manager::storage::tokens::LeaseCheck;
+    let app = spawn_app().await;
+    let now = app.clock.now();
+    let until = now + Duration::seconds(60);
+    let integration = app.seed_integration("alice", "google").await;
+    let id = integration.id;
+    let generation = app
+        .db
+        .upsert_tokens(&sealed(id, now))
+        .await
+        .expect("tokens");
+    let seen = LeaseCheck {
+        generation,
+        now,
+        honour_backoff: true,
+        ours: "this-process:",
+    };
+    let stale = LeaseCheck {
+        generation: generation - 1,
+        ..seen
+    };
+    let lease = |check| app.db.lease_unchanged_tokens(id, "taker", check, until);
+    assert!(!lease(stale).await.expect("lease"), "another generation");
+    assert!(lease(seen).await.expect("lease"), "unchanged: granted");
+    assert!(!lease(seen).await.expect("lease"), "held by someone");
+    // A lease of this process (owner prefix `ours`) counts as free: the caller holds this
+    // process's lock of the integration.
+    let own = LeaseCheck {
+        ours: "tak",
+        ..seen
+    };
+    let db = &app.db;
+    let taken = db.lease_unchanged_tokens(id, "taker", own, until).await;
+    assert!(taken.expect("lease"), "one of this process's own");
+    let taken = db.try_lease_tokens(id, "taker", "tak", now, until).await;
+    assert!(taken.expect("lease"), "likewise for a disconnect");
+    let taken = db.try_lease_tokens(id, "other", "oth", now, until).await;
+    assert!(!taken.expect("lease"), "someone else's");
+    app.db
+        .release_token_lease(id, "taker")
+        .await
+        .expect("release");
+
+    app.db
+        .defer_refresh(id, now + Duration::minutes(5))
+        .await
+        .expect("back off");
+    assert!(!lease(seen).await.expect("lease"), "backing off");
+    let forced = LeaseCheck {
+        honour_backoff: false,
+        ..seen
+    };
+    assert!(
+        lease(forced).await.expect("lease"),
+        "a forced refresh ignores the back-off"
+    );
+    app.db
+        .release_token_lease(id, "taker")
+        .await
+        .expect("release");
+    app.db.defer_refresh(id, now).await.expect("due again");
+
+    // The worker's claim passes to the refresh on the same conditions.
+    assert!(lease(seen).await.expect("lease"), "claimed");
+    let transfer = |check| {
+        app.db
+            .transfer_token_lease(id, "taker", "refresh", check, until)
+    };
+    assert!(
+        !transfer(stale).await.expect("transfer"),
+        "another generation"
+    );
+    assert!(
+        transfer(seen).await.expect("transfer"),
+        "unchanged: handed over"
+    );
+    assert!(
+        !transfer(seen).await.expect("transfer"),
+        "the claim is no longer held"
+    );
+    app.db
+        .release_token_lease(id, "refresh")
+        .await
+        .expect("release");
+
+    app.db
+        .set_integration_status(id, IntegrationStatus::NeedsReauth, Some("test"), now)
+        .await
+        .expect("give up");
+    assert!(!lease(seen).await.expect("lease"), "given up");
+    app.db
+        .set_integration_status(id, IntegrationStatus::Error, Some("test"), now)
+        .await
+        .expect("error");
+    assert!(
+        lease(seen).await.expect("lease"),
+        "in error: still refreshable"
+    );
+    app.db
+        .release_token_lease(id, "taker")
+        .await
+        .expect("release");
+
+    app.db
+        .disconnect_integration(id, true, now)
+        .await
+        .expect("disconnect");
+    assert!(!lease(seen).await.expect("lease"), "disconnected");
+}

@@ -1,0 +1,101 @@
+//! The priority lane: a one-thread runtime for the work a crowd of requests waits on.
+//!
+//! When many callers miss the token cache on the same integration at once (a refresh storm:
+//! a thousand callers on one expired token), one of them loads the token and refreshes it
+//! while the rest wait for its result. On the request runtime, every database and provider
+//! round trip of that one caller would queue behind all the requests that arrived with it
+//! (tokio runs woken tasks in the order they woke), so the provider would be called only after
+//! the whole crowd had been read: 15–25 ms for a thousand requests on two cores
+//! (BENCHMARKS.md). On a thread of its own, the loader goes on as soon as each answer arrives;
+//! the operating system shares the cores between the two runtimes.
+//!
+//! The lane has its own outbound HTTP client: a client's connections are driven by tasks on
+//! the runtime that opened them, and a connection opened by a request would take the lane's
+//! provider call back onto the crowded runtime.
+
+use std::future::Future;
+
+use tokio::runtime::{Builder, Handle, Runtime};
+
+use super::{ServiceError, ServiceResult};
+
+pub struct Lane {
+    /// `None` only while dropping.
+    runtime: Option<Runtime>,
+    handle: Handle,
+    /// Outbound client whose connections live on the lane.
+    pub http: reqwest::Client,
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane").finish_non_exhaustive()
+    }
+}
+
+impl Lane {
+    /// Starts the lane's thread; `http` must not have been used yet (see the module docs).
+    pub fn start(http: reqwest::Client) -> std::io::Result<Self> {
+        let runtime = Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("oauth-lane")
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+            http,
+        })
+    }
+
+    /// Runs `work` on the lane and waits for its result. The work goes on if the caller goes
+    /// away (a refresh the provider may already have answered must be stored).
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = ServiceResult<T>> + Send + 'static,
+    ) -> ServiceResult<T> {
+        self.handle
+            .spawn(work)
+            .await
+            .map_err(|err| ServiceError::Internal(format!("lane task failed: {err}")))?
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks until its thread stops, which is not allowed on a runtime
+        // thread (the last handle on the lane may even be dropped on the lane's own thread).
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn work_runs_on_the_lane_thread_and_the_lane_can_be_dropped_anywhere() {
+        let lane = std::sync::Arc::new(Lane::start(reqwest::Client::new()).expect("lane"));
+        let thread = lane
+            .run(async { Ok(std::thread::current().name().map(str::to_owned)) })
+            .await
+            .expect("ran");
+        assert_eq!(thread.as_deref(), Some("oauth-lane"));
+        // The last handle dropped on the lane's own thread: shutting down must not panic.
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let last = lane.clone();
+        let handle = lane.handle.clone();
+        drop(lane);
+        handle.spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            drop(last);
+            let _ = done.send(());
+        });
+        assert!(
+            finished.await.is_ok(),
+            "the lane's drop panicked on its thread"
+        );
+    }
+}
