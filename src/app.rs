@@ -177,12 +177,12 @@ impl Application {
         };
         let metrics = MetricsEndpoint::bind(&config).await?;
         Ok(Self {
-            state: AppState {
+            state: AppState::new(http::SharedState {
                 config: Arc::new(config),
                 verifier,
                 services,
                 limiter,
-            },
+            }),
             metrics,
         })
     }

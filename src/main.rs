@@ -16,12 +16,6 @@ use oauth_manager::services::{audit, keys, vault::TokenVault, worker};
 use oauth_manager::storage::Database;
 use oauth_manager::{dev, telemetry};
 
-/// mimalloc instead of glibc's malloc: glibc keeps an arena per thread and returns little of
-/// it, which held the resident memory of a 1,000-flow burst at about 100 MiB; see
-/// BENCHMARKS.md.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(name = "oauth-manager", version, about = "Self-hosted OAuth token vault", long_about = None)]
 struct Cli {

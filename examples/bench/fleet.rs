@@ -177,8 +177,10 @@ pub struct Fleet {
     pub hand_outs: Measured,
     /// Connect flows completed against the child meanwhile.
     pub flows: Measured,
-    /// Peak resident memory of the child (VmHWM), and the highest VmRSS sampled.
+    /// Peak resident memory of the child (VmHWM): over the whole phase, and when the burst of
+    /// connect flows had ended; the highest VmRSS sampled after the burst.
     pub peak_rss_kib: u64,
+    pub burst_peak_rss_kib: u64,
     pub max_sampled_rss_kib: u64,
 }
 
@@ -252,13 +254,16 @@ async fn start_serve(service: &Service, concurrency: usize) -> anyhow::Result<(S
         .env("OAUTH_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    // Allocator and pool settings under test pass through (e.g. MALLOC_ARENA_MAX).
-    for name in [
-        "MALLOC_ARENA_MAX",
-        "MALLOC_TRIM_THRESHOLD_",
-        "OAUTH_DATABASE_MAX_CONNECTIONS",
-    ] {
-        if let Ok(value) = std::env::var(name) {
+    // Allocator and pool settings under test pass through (e.g. MALLOC_ARENA_MAX, or another
+    // allocator by LD_PRELOAD and its MIMALLOC_/MALLOC_CONF settings).
+    for (name, value) in std::env::vars() {
+        let passed = [
+            "MALLOC_",
+            "MIMALLOC_",
+            "LD_PRELOAD",
+            "OAUTH_DATABASE_MAX_CONNECTIONS",
+        ];
+        if passed.iter().any(|prefix| name.starts_with(prefix)) {
             command.env(name, value);
         }
     }
@@ -413,6 +418,7 @@ pub async fn fleet(
         })
     };
     let flows = burst(&api, fake, &client, options.flows).await?;
+    fleet.burst_peak_rss_kib = rss_kib(pid, "VmHWM:").unwrap_or(0);
     let deadline = Instant::now() + StdDuration::from_secs(600);
     loop {
         if let Some(rss) = rss_kib(pid, "VmRSS:") {
@@ -439,7 +445,7 @@ pub async fn fleet(
     fake.clear_latency(PROVIDER, Endpoint::Token);
     drop(child);
     eprintln!(
-        "  fleet: {} refreshes in {:.1} s = {:.0}/s; once {} / twice {}; {} s before expiry; hand-outs {:.0}/s (p99 {} ms, {} errors); flows {} errors; peak RSS {} MiB",
+        "  fleet: {} refreshes in {:.1} s = {:.0}/s; once {} / twice {}; {} s before expiry; hand-outs {:.0}/s (p99 {} ms, {} errors); flows {} errors; peak RSS {} MiB ({} MiB by the end of the burst, {} MiB after it)",
         fleet.refreshes,
         fleet.refresh_wall.as_secs_f64(),
         fleet.per_second(),
@@ -451,6 +457,8 @@ pub async fn fleet(
         fleet.hand_outs.errors,
         fleet.flows.errors,
         fleet.peak_rss_kib / 1024,
+        fleet.burst_peak_rss_kib / 1024,
+        fleet.max_sampled_rss_kib / 1024,
     );
     vars_service.stop().await?;
     Ok(fleet)

@@ -47,9 +47,6 @@ use tokio::sync::{oneshot, Barrier};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use fake_provider::{Consent, Endpoint, FakeProvider, Fault};
 use oauth_manager::app::Application;
 use oauth_manager::clock::{Clock, SystemClock};
@@ -1487,12 +1484,13 @@ fn report(options: &Options, results: &[BackendResult]) -> String {
         })
     });
     row(
-        "fleet: `serve` peak RSS (VmHWM) / max sampled RSS (MiB)",
+        "fleet: `serve` peak RSS (VmHWM) / by the end of the burst / max sampled after it (MiB)",
         &|r| {
             fleet_cell(r, |f| {
                 format!(
-                    "{:.1} / {:.1}",
+                    "{:.1} / {:.1} / {:.1}",
                     f.peak_rss_kib as f64 / 1024.0,
+                    f.burst_peak_rss_kib as f64 / 1024.0,
                     f.max_sampled_rss_kib as f64 / 1024.0
                 )
             })

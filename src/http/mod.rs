@@ -48,14 +48,32 @@ const DEFAULT_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
 /// How long browsers may cache a CORS preflight answer.
 const CORS_MAX_AGE: Duration = Duration::from_secs(600);
 
-/// Everything a handler can reach.
+/// Everything a handler can reach, behind one `Arc`: axum clones the state for every
+/// extractor and middleware of every request, and cloning the parts one by one (a dozen
+/// reference counts, shared by both cores) was 14 % of the hand-out's CPU (BENCHMARKS.md).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<SharedState>);
+
+pub struct SharedState {
     pub config: Arc<Config>,
     pub verifier: Arc<JwtVerifier>,
     pub services: Context,
     /// `None` when `OAUTH_RATE_LIMIT_ENABLED=false`.
     pub limiter: Option<Arc<RateLimiter>>,
+}
+
+impl AppState {
+    pub fn new(shared: SharedState) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = SharedState;
+
+    fn deref(&self) -> &SharedState {
+        &self.0
+    }
 }
 
 pub fn router(state: AppState) -> Router {

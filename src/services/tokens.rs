@@ -234,7 +234,7 @@ pub async fn access_token(
     // Otherwise this caller loads it, and callers with the same miss wait for it (above). One
     // that waited and still missed (the load failed, or is not for this caller) goes on by
     // itself: failures are not queued one behind the other.
-    let _loading = if cached.is_none() && !waited && ctx.tokens_cache.is_enabled() {
+    let loading = if cached.is_none() && !waited && ctx.tokens_cache.is_enabled() {
         let loading = ctx.flights.load(id).await;
         cached = cached_token(ctx, actor, id);
         Some(loading)
@@ -249,19 +249,16 @@ pub async fn access_token(
         .await;
         return Ok(issued);
     }
-    // On the lane: the callers waiting for this one must not wait for the whole crowd too.
-    let (integration, result) = {
+    // The loader of a token others wait for works on the lane: they must not wait for the
+    // whole crowd too. Without the cache nobody waits, and the lane's one thread would only
+    // cap the throughput.
+    let (integration, result) = if loading.is_some() {
         let (lane, actor, client) = (ctx.for_lane(), actor.clone(), client.clone());
         ctx.lane
-            .run(async move {
-                let start = lane.tokens_cache.read_start();
-                let integration = integrations::visible(&lane, &actor, id, &client).await?;
-                let tokens = Trigger::OnDemand;
-                let user = actor.user_id();
-                let result = usable_tokens(&lane, &integration, tokens, user, &client, start).await;
-                Ok((integration, result))
-            })
+            .run(async move { load_usable(&lane, &actor, id, &client).await })
             .await?
+    } else {
+        load_usable(ctx, actor, id, client).await?
     };
     let outcome = if result.is_ok() {
         Outcome::Success
@@ -276,6 +273,22 @@ pub async fn access_token(
         expires_at: tokens.expires_at,
         integration,
     })
+}
+
+/// The integration visible to `actor`, and its tokens, refreshed if they need it (the
+/// refusal of a visible integration's tokens is the second part, to be audited).
+async fn load_usable(
+    ctx: &Context,
+    actor: &Actor<ReadTokens>,
+    id: Uuid,
+    client: &RequestContext,
+) -> ServiceResult<(Integration, ServiceResult<TokenSet>)> {
+    let start = ctx.tokens_cache.read_start();
+    let integration = integrations::visible(ctx, actor, id, client).await?;
+    let trigger = Trigger::OnDemand;
+    let user = actor.user_id();
+    let result = usable_tokens(ctx, &integration, trigger, user, client, start).await;
+    Ok((integration, result))
 }
 
 /// The fast path: a token this process read or refreshed moments ago, still good to hand out
