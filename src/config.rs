@@ -195,6 +195,12 @@ pub struct Config {
     /// `OAUTH_METRICS_ADDR`: where `GET /metrics` (Prometheus) is served, on a listener of its
     /// own so it never reaches the public API. Unset: no metrics are collected.
     pub metrics_addr: Option<SocketAddr>,
+    /// `OAUTH_MAX_CONCURRENT_REQUESTS` (default 256): API requests handled at once, counted
+    /// apart for sign-ins (authorize and callback) and for everything else; more wait (within
+    /// the request timeout) for one to finish. Bounds the memory of a burst (each request in
+    /// progress holds its buffers and, in a callback, a provider connection); `/healthz` and
+    /// `/readyz` are not counted.
+    pub max_concurrent_requests: usize,
 }
 
 /// Environment prefixes whose `_CLIENT_ID` / `_CLIENT_SECRET` are read at start-up.
@@ -238,6 +244,13 @@ impl Config {
             rate_limits: parse_rate_limits(env)?,
             cors_allowed_origins: parse_cors_origins(env)?,
             metrics_addr: parse_metrics_addr(env)?,
+            max_concurrent_requests: usize::try_from(parse_number(
+                env,
+                "OAUTH_MAX_CONCURRENT_REQUESTS",
+                256,
+                1..=100_000,
+            )?)
+            .unwrap_or(256),
             allowed_return_urls: parse_return_urls(env)?,
             redis_url: parse_redis_url(env)?,
             log_format: parse_log_format(env)?,
@@ -797,9 +810,10 @@ mod tests {
     }
 
     #[test]
-    fn the_pool_and_hand_out_window_have_per_backend_defaults_and_can_be_set() {
+    fn the_pool_hand_out_window_and_request_bound_have_defaults_and_can_be_set() {
         let sqlite = load(&[]).expect("defaults");
         assert_eq!(sqlite.database_pool.max_connections, 4);
+        assert_eq!(sqlite.max_concurrent_requests, 256);
         assert_eq!(
             sqlite.audit_hand_out_window,
             std::time::Duration::from_secs(1)
@@ -809,13 +823,16 @@ mod tests {
         let tuned = load(&[
             ("OAUTH_DATABASE_MAX_CONNECTIONS", "32"),
             ("OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS", "0"),
+            ("OAUTH_MAX_CONCURRENT_REQUESTS", "1000"),
         ])
         .expect("tuned");
         assert_eq!(tuned.database_pool.max_connections, 32);
         assert!(tuned.audit_hand_out_window.is_zero());
+        assert_eq!(tuned.max_concurrent_requests, 1000);
         for (var, value) in [
             ("OAUTH_DATABASE_MAX_CONNECTIONS", "0"),
             ("OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS", "61"),
+            ("OAUTH_MAX_CONCURRENT_REQUESTS", "0"),
         ] {
             assert_eq!(invalid_var(load(&[(var, value)])), var);
         }

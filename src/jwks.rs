@@ -5,6 +5,7 @@
 //! provider; a stale key is used while the provider is unreachable.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
@@ -48,6 +49,8 @@ pub struct JwksCache {
     /// Serializes fetches and remembers the last one, successful or not: the cooldown starts
     /// at every attempt, so an unreachable provider is not asked again on every request.
     fetching: Mutex<Option<Attempt>>,
+    /// Counts the key sets fetched: what was verified with an earlier one is verified again.
+    generation: AtomicU64,
 }
 
 /// The last fetch attempt: when, and why it failed (`None` when it succeeded).
@@ -77,6 +80,7 @@ impl JwksCache {
             http,
             cached: RwLock::new(None),
             fetching: Mutex::new(None),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -117,6 +121,7 @@ impl JwksCache {
         match self.fetch().await {
             Ok(keys) => {
                 *self.cached.write().await = Some(Fetched { keys, at: now });
+                self.generation.fetch_add(1, Ordering::Release);
                 Ok(())
             }
             Err(err) => {
@@ -124,6 +129,11 @@ impl JwksCache {
                 Err(err)
             }
         }
+    }
+
+    /// Changes whenever a key set is fetched (keys may have been withdrawn).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     async fn lookup(

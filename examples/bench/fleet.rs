@@ -254,16 +254,12 @@ async fn start_serve(service: &Service, concurrency: usize) -> anyhow::Result<(S
         .env("OAUTH_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    // Allocator and pool settings under test pass through (e.g. MALLOC_ARENA_MAX, or another
+    // Allocator, pool and request-bound settings under test pass through (e.g. MALLOC_ARENA_MAX, or another
     // allocator by LD_PRELOAD and its MIMALLOC_/MALLOC_CONF settings).
     for (name, value) in std::env::vars() {
-        let passed = [
-            "MALLOC_",
-            "MIMALLOC_",
-            "LD_PRELOAD",
-            "OAUTH_DATABASE_MAX_CONNECTIONS",
-        ];
-        if passed.iter().any(|prefix| name.starts_with(prefix)) {
+        let allocator = ["MALLOC_", "MIMALLOC_", "LD_PRELOAD"];
+        let passed = allocator.iter().chain(super::PASSED_SETTINGS);
+        if passed.into_iter().any(|prefix| name.starts_with(prefix)) {
             command.env(name, value);
         }
     }

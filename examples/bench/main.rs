@@ -80,7 +80,10 @@ const USAGE: &str = "usage: cargo run --release --example bench -- [options]
   --refresh-concurrency N  OAUTH_REFRESH_CONCURRENCY of that process (default 128)
   --database B             sqlite, postgres or both (default: both when a PostgreSQL URL is
                            given by --postgres-url or TEST_DATABASE_URL, else sqlite)
-  --postgres-url URL       PostgreSQL server; a fresh database is created and dropped";
+  --postgres-url URL       PostgreSQL server; a fresh database is created and dropped
+
+Environment: OAUTH_DATABASE_MAX_CONNECTIONS and OAUTH_MAX_CONCURRENT_REQUESTS, when set, reach
+the benchmarked service; LD_PRELOAD and MALLOC_*/MIMALLOC_* also reach the fleet's `serve`.";
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -379,12 +382,19 @@ fn random_string(length: usize) -> String {
         .collect()
 }
 
+/// Service settings a run may set in its own environment (for A/B runs): they reach the
+/// in-process service and the fleet phase's `serve` process.
+const PASSED_SETTINGS: &[&str] = &[
+    "OAUTH_DATABASE_MAX_CONNECTIONS",
+    "OAUTH_MAX_CONCURRENT_REQUESTS",
+];
+
 async fn start_service(database_url: &str, fake: &FakeProvider) -> anyhow::Result<Service> {
     let providers_dir = tempfile::tempdir()?;
     let providers_file = providers_dir.path().join("providers.toml");
     std::fs::write(&providers_file, fake.providers_toml())?;
     let jwt_secret = random_string(48);
-    let vars = HashMap::from([
+    let mut vars = HashMap::from([
         ("DATABASE_URL".to_owned(), database_url.to_owned()),
         (
             "OAUTH_ENCRYPTION_KEY".to_owned(),
@@ -400,6 +410,10 @@ async fn start_service(database_url: &str, fake: &FakeProvider) -> anyhow::Resul
             providers_file.to_string_lossy().into_owned(),
         ),
     ]);
+    let passed = PASSED_SETTINGS
+        .iter()
+        .filter_map(|name| Some(((*name).to_owned(), std::env::var(name).ok()?)));
+    vars.extend(passed);
     let config = config_from(&vars)?;
     let runtime = ServiceRuntime::start()?;
     let (stop, stopped) = oneshot::channel::<()>();

@@ -5,10 +5,13 @@
 //! fixed by the configured key, never taken from the token: an HS256 token is refused when an
 //! RSA/EC public key is configured (the classic "HS/RS swap"), and `alg: none` never verifies.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Duration, Utc};
 use jsonwebtoken::{decode, decode_header, errors::ErrorKind, Algorithm, DecodingKey, Validation};
 use secrecy::ExposeSecret;
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use super::rbac::{Principal, RoleMap};
 use crate::clock::SharedClock;
@@ -18,6 +21,12 @@ use crate::jwks::{JwksCache, JwksError};
 /// Tokens longer than this are refused before any parsing (cheap protection).
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
 const MAX_SUBJECT_CHARS: usize = 255;
+/// A verified token is taken at its word again for this long (never past its `exp`), then
+/// verified afresh: a backend sends the same token with every request, and verifying it
+/// (base64, JSON, signature) was the largest part of a token hand-out's own CPU.
+const REVERIFY_AFTER: Duration = Duration::seconds(60);
+/// Verified tokens remembered at most (by digest; about 200 bytes each).
+const MAX_REMEMBERED: u64 = 10_000;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -62,6 +71,18 @@ pub struct JwtVerifier {
     leeway: Duration,
     role_map: RoleMap,
     clock: SharedClock,
+    /// Tokens verified moments ago, by the SHA-256 of their text (the text itself is not
+    /// kept). Only successes: failures are cheap to repeat and must not fill it.
+    recent: moka::sync::Cache<[u8; 32], Arc<Remembered>>,
+}
+
+/// The outcome of a successful verification, and until when it stands.
+struct Remembered {
+    principal: Principal,
+    /// `exp` plus leeway, or [`REVERIFY_AFTER`] past the verification if that comes first.
+    until: DateTime<Utc>,
+    /// The JWKS generation it was verified under (always 0 with a static key).
+    key_generation: u64,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -105,6 +126,10 @@ impl JwtVerifier {
             leeway: Duration::seconds(i64::try_from(settings.leeway_seconds).unwrap_or(0)),
             role_map,
             clock,
+            recent: moka::sync::Cache::builder()
+                .max_capacity(MAX_REMEMBERED)
+                .time_to_live(REVERIFY_AFTER.to_std().unwrap_or_default())
+                .build(),
         })
     }
 
@@ -112,6 +137,37 @@ impl JwtVerifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Malformed);
         }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Read before verifying: a key set fetched meanwhile makes this outcome stale at once.
+        let key_generation = self.key_generation();
+        let now = self.clock.now();
+        if let Some(remembered) = self.recent.get(&digest) {
+            if remembered.key_generation == key_generation && now < remembered.until {
+                return Ok(remembered.principal.clone());
+            }
+        }
+        let (principal, expires) = self.verify_fully(token).await?;
+        let until = expires
+            .checked_add_signed(self.leeway)
+            .map_or(now, |end| end.min(now + REVERIFY_AFTER));
+        let remembered = Remembered {
+            principal: principal.clone(),
+            until,
+            key_generation,
+        };
+        self.recent.insert(digest, Arc::new(remembered));
+        Ok(principal)
+    }
+
+    fn key_generation(&self) -> u64 {
+        match &self.keys {
+            Keys::Static { .. } => 0,
+            Keys::Jwks(cache) => cache.generation(),
+        }
+    }
+
+    /// Signature, claims and times checked; the principal and the token's `exp`.
+    async fn verify_fully(&self, token: &str) -> Result<(Principal, DateTime<Utc>), AuthError> {
         let header = decode_header(token).map_err(|_| AuthError::Malformed)?;
         let (key, algorithm) = match &self.keys {
             Keys::Static { key, algorithm } => (key.clone(), *algorithm),
@@ -140,7 +196,7 @@ impl JwtVerifier {
                 _ => AuthError::BadSignature,
             })?
             .claims;
-        self.check_times(&claims)?;
+        let expires = self.check_times(&claims)?;
         let subject = claims
             .get("sub")
             .and_then(Value::as_str)
@@ -154,7 +210,8 @@ impl JwtVerifier {
                     && !sub.chars().any(char::is_control)
             })
             .ok_or(AuthError::MissingSubject)?;
-        Ok(Principal::new(subject, self.roles(&claims), &self.role_map))
+        let principal = Principal::new(subject, self.roles(&claims), &self.role_map);
+        Ok((principal, expires))
     }
 
     fn validation(&self, algorithm: Algorithm) -> Validation {
@@ -177,7 +234,8 @@ impl JwtVerifier {
         validation
     }
 
-    fn check_times(&self, claims: &Map<String, Value>) -> Result<(), AuthError> {
+    /// The token's `exp`, once it and `nbf`/`iat` admit the token now.
+    fn check_times(&self, claims: &Map<String, Value>) -> Result<DateTime<Utc>, AuthError> {
         let now = self.clock.now();
         let time = |name: &str| -> Result<Option<DateTime<Utc>>, AuthError> {
             match claims.get(name) {
@@ -201,7 +259,7 @@ impl JwtVerifier {
                 }
             }
         }
-        Ok(())
+        Ok(expires)
     }
 
     /// Roles from the configured claim: an array of strings, or one space-separated string.
@@ -291,13 +349,17 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::clock::{Clock, ManualClock};
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
     const EC_P256_PUBLIC: &str = include_str!("../../tests/fixtures/jwt_ec_public.pem");
     const EC_P384_PUBLIC: &str = include_str!("../../tests/fixtures/jwt_ec384_public.pem");
 
     fn verifier(key: JwtKeySource) -> Result<JwtVerifier, ConfigError> {
+        verifier_on(key, Arc::new(ManualClock::new(Utc::now())))
+    }
+
+    fn verifier_on(key: JwtKeySource, clock: Arc<ManualClock>) -> Result<JwtVerifier, ConfigError> {
         let settings = JwtSettings {
             key: Some(key),
             issuer: None,
@@ -305,8 +367,28 @@ mod tests {
             roles_claim: "roles".to_owned(),
             leeway_seconds: 30,
         };
-        let clock = Arc::new(ManualClock::new(Utc::now()));
         JwtVerifier::new(&settings, RoleMap::default(), clock)
+    }
+
+    #[tokio::test]
+    async fn a_token_verified_before_is_refused_once_it_expires() {
+        let clock = Arc::new(ManualClock::new(Utc::now()));
+        let key = JwtKeySource::Secret(SecretString::from(SECRET));
+        let verifier = verifier_on(key, clock.clone()).unwrap();
+        let expires = clock.now().timestamp() + 20;
+        let alice = sign(&json!({"sub": "alice", "exp": expires}));
+        let bob = sign(&json!({"sub": "bob", "exp": expires + 3600}));
+        for _ in 0..2 {
+            assert_eq!(verifier.verify(&alice).await.unwrap().user_id, "alice");
+            assert_eq!(verifier.verify(&bob).await.unwrap().user_id, "bob");
+        }
+        // Past exp plus the 30 s leeway; well within the minute a verification is remembered.
+        clock.advance(Duration::seconds(51));
+        assert_eq!(
+            verifier.verify(&alice).await.err(),
+            Some(AuthError::Expired)
+        );
+        assert_eq!(verifier.verify(&bob).await.unwrap().user_id, "bob");
     }
 
     fn sign(claims: &Value) -> String {

@@ -17,6 +17,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
+use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -77,14 +78,18 @@ impl std::ops::Deref for AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/openapi.json", get(routes::openapi::openapi_json))
-        .route("/providers", get(routes::providers::list))
+    // Sign-ins have a bound of their own: a burst of them (each callback waits for a provider)
+    // must not make token hand-outs wait behind it.
+    let connect = Router::new()
         .route(
             "/providers/{provider}/authorize",
             post(routes::connect::authorize),
         )
         .route("/callback/{provider}", get(routes::connect::callback))
+        .layer(concurrency_limit(&state));
+    let api = Router::new()
+        .route("/openapi.json", get(routes::openapi::openapi_json))
+        .route("/providers", get(routes::providers::list))
         .route("/integrations", get(routes::integrations::list))
         .route(
             "/integrations/{id}",
@@ -106,6 +111,8 @@ pub fn router(state: AppState) -> Router {
         .route("/consents/{id}/withdraw", post(routes::consents::withdraw))
         .route("/users/{user_id}/export", get(routes::users::export))
         .route("/users/{user_id}", delete(routes::users::erase))
+        .layer(concurrency_limit(&state))
+        .merge(connect)
         // Responses of this API may carry tokens: never cache them anywhere.
         .layer(SetResponseHeaderLayer::if_not_present(
             header::CACHE_CONTROL,
@@ -184,6 +191,13 @@ pub fn router(state: AppState) -> Router {
 /// CORS for the configured origins only (`OAUTH_CORS_ALLOWED_ORIGINS`); none configured, no
 /// CORS headers at all. Callers authenticate with a bearer token in `Authorization`, not with
 /// cookies, so credentials mode is not enabled.
+/// At most `OAUTH_MAX_CONCURRENT_REQUESTS` requests of the routes it is applied to at once: one
+/// semaphore, shared by the layer's clones. A request waits for a permit before its handler
+/// starts, within the request timeout of the outer layers.
+fn concurrency_limit(state: &AppState) -> GlobalConcurrencyLimitLayer {
+    GlobalConcurrencyLimitLayer::new(state.config.max_concurrent_requests)
+}
+
 fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;

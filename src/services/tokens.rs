@@ -207,13 +207,30 @@ pub enum Trigger {
     Rejected { access_token: Option<SecretString> },
 }
 
-/// A token handed out to a caller.
+/// A token handed out to a caller, with what it is told of its integration. Only these
+/// parts are copied: a hand-out from the cache would otherwise copy the whole integration
+/// (metadata, both scope lists, errors) on every request.
 #[derive(Debug, Clone)]
 pub struct IssuedToken {
     pub access_token: SecretString,
     pub token_type: String,
     pub expires_at: Option<DateTime<Utc>>,
-    pub integration: Integration,
+    pub scopes: Vec<String>,
+    pub provider: String,
+    pub provider_account_id: String,
+}
+
+impl IssuedToken {
+    fn new(integration: &Integration, tokens: &TokenSet) -> Self {
+        Self {
+            access_token: tokens.access_token.clone(),
+            token_type: tokens.token_type.clone(),
+            expires_at: tokens.expires_at,
+            scopes: integration.granted_scopes.clone(),
+            provider: integration.provider.clone(),
+            provider_account_id: integration.provider_account_id.clone(),
+        }
+    }
 }
 
 /// Hands out a working access token, refreshing first when needed.
@@ -241,12 +258,11 @@ pub async fn access_token(
     } else {
         None
     };
-    if let Some(issued) = cached {
-        audit::record_hand_out(
-            ctx,
-            handed_out(ctx, actor, &issued.integration, Outcome::Success, client),
-        )
-        .await;
+    if let Some(cached) = cached {
+        let issued = IssuedToken::new(&cached.integration, &cached.tokens);
+        let event = handed_out(ctx, actor, &cached.integration, Outcome::Success, client);
+        drop(cached);
+        audit::record_hand_out(ctx, event).await;
         return Ok(issued);
     }
     // The loader of a token others wait for works on the lane: they must not wait for the
@@ -266,13 +282,7 @@ pub async fn access_token(
         Outcome::Failure
     };
     audit::record_hand_out(ctx, handed_out(ctx, actor, &integration, outcome, client)).await;
-    let tokens = result?;
-    Ok(IssuedToken {
-        access_token: tokens.access_token,
-        token_type: tokens.token_type,
-        expires_at: tokens.expires_at,
-        integration,
-    })
+    Ok(IssuedToken::new(&integration, &result?))
 }
 
 /// The integration visible to `actor`, and its tokens, refreshed if they need it (the
@@ -294,7 +304,7 @@ async fn load_usable(
 /// The fast path: a token this process read or refreshed moments ago, still good to hand out
 /// to this caller. Anything else (not cached, someone else's, due for refresh) takes the
 /// full path, which also audits refusals.
-fn cached_token(ctx: &Context, actor: &Actor<ReadTokens>, id: Uuid) -> Option<IssuedToken> {
+fn cached_token(ctx: &Context, actor: &Actor<ReadTokens>, id: Uuid) -> Option<Arc<CachedTokens>> {
     let cached = fresh_in_cache(ctx, id, &Trigger::OnDemand)?;
     if !actor.can_access(&cached.integration.user_id) {
         return None;
@@ -302,12 +312,7 @@ fn cached_token(ctx: &Context, actor: &Actor<ReadTokens>, id: Uuid) -> Option<Is
     if ctx.tokens_cache.claim_revalidation(&cached) && ctx.tokens_cache.queue_revalidation(id) {
         tokio::spawn(revalidate_queued(ctx.clone()));
     }
-    Some(IssuedToken {
-        access_token: cached.tokens.access_token.clone(),
-        token_type: cached.tokens.token_type.clone(),
-        expires_at: cached.tokens.expires_at,
-        integration: cached.integration.clone(),
-    })
+    Some(cached)
 }
 
 /// How long a batch of re-reads gathers before it reads.

@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use axum::http::StatusCode;
 use axum::routing::get;
-use chrono::Duration;
+use chrono::{DateTime, Duration, Utc};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use oauth_manager::clock::Clock;
 use serde_json::{json, Value};
@@ -228,38 +228,18 @@ async fn jwks_keys_verify_and_an_unknown_kid_triggers_a_refetch() {
     let (url, _) = serve_jwks(document.clone()).await;
     let app = spawn_app_with(&[("OAUTH_JWT_SECRET", ""), ("OAUTH_JWT_JWKS_URL", &url)]).await;
     let now = app.clock.now();
-    let rsa = sign_pem(
-        &claims("alice", &["user"], now),
-        Algorithm::RS256,
-        RSA_PRIVATE,
-        Some("rsa-1"),
-    );
+    let rsa = alice_user(now, Algorithm::RS256, RSA_PRIVATE, Some("rsa-1"));
     assert_eq!(app.get(PROVIDERS, &rsa).await.status(), 200);
 
     // The IdP rotates in a new EC key: a token naming it must trigger a refetch.
-    let ec = sign_pem(
-        &claims("alice", &["user"], now),
-        Algorithm::ES256,
-        EC_PRIVATE,
-        Some("ec-1"),
-    );
+    let ec = alice_user(now, Algorithm::ES256, EC_PRIVATE, Some("ec-1"));
     *document.write().expect("lock") = full.to_string();
     app.clock.advance(Duration::seconds(11));
     assert_eq!(app.get(PROVIDERS, &ec).await.status(), 200);
 
-    let forged = sign_pem(
-        &claims("alice", &["user"], now),
-        Algorithm::ES256,
-        EC_OTHER_PRIVATE,
-        Some("ec-1"),
-    );
+    let forged = alice_user(now, Algorithm::ES256, EC_OTHER_PRIVATE, Some("ec-1"));
     assert_unauthorized(app.get(PROVIDERS, &forged).await, "invalid_token").await;
-    let unknown = sign_pem(
-        &claims("alice", &["user"], now),
-        Algorithm::ES256,
-        EC_PRIVATE,
-        Some("nope"),
-    );
+    let unknown = alice_user(now, Algorithm::ES256, EC_PRIVATE, Some("nope"));
     assert_unauthorized(app.get(PROVIDERS, &unknown).await, "invalid_token").await;
     // An RSA key announced as RS256 must not verify a token claiming another algorithm, even
     // when the token names that key (the kid is what gets it past the key lookup).
@@ -272,6 +252,30 @@ async fn jwks_keys_verify_and_an_unknown_kid_triggers_a_refetch() {
     )
     .expect("sign");
     assert_unauthorized(app.get(PROVIDERS, &hs).await, "invalid_token").await;
+}
+
+#[tokio::test]
+async fn a_key_withdrawn_from_the_jwks_stops_verifying_tokens_verified_moments_ago() {
+    let full: Value = serde_json::from_str(JWKS).expect("jwks");
+    let (app, document, _) = jwks_app(&full.to_string()).await;
+    let now = app.clock.now();
+    let rsa = alice_user(now, Algorithm::RS256, RSA_PRIVATE, Some("rsa-1"));
+    assert_eq!(app.get(PROVIDERS, &rsa).await.status(), 200);
+    assert_eq!(app.get(PROVIDERS, &rsa).await.status(), 200);
+
+    // The IdP withdraws the RSA key; a token naming an unknown kid makes the service refetch.
+    let without_rsa = json!({"keys": [full["keys"][0].clone()]});
+    *document.write().expect("lock") = without_rsa.to_string();
+    app.clock.advance(Duration::seconds(11));
+    let unknown = alice_user(now, Algorithm::ES256, EC_PRIVATE, Some("nope"));
+    assert_unauthorized(app.get(PROVIDERS, &unknown).await, "invalid_token").await;
+    // Verified 11 s ago, but under a key set that is gone.
+    assert_unauthorized(app.get(PROVIDERS, &rsa).await, "invalid_token").await;
+}
+
+/// A token for `alice` with the `user` role, signed by `key` and naming `kid`.
+fn alice_user(now: DateTime<Utc>, algorithm: Algorithm, key: &str, kid: Option<&str>) -> String {
+    sign_pem(&claims("alice", &["user"], now), algorithm, key, kid)
 }
 
 /// A JWKS app whose IdP serves `document` (empty: down), with the fetch counter.

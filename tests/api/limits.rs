@@ -1,5 +1,6 @@
 //! Rate limits: per user and per client IP, the tighter connect limit, limits shared between
-//! replicas through Redis, and a Redis outage degrading to in-process limits and recovering.
+//! replicas through Redis, and a Redis outage degrading to in-process limits and recovering;
+//! the bound on API requests handled at once.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -394,4 +395,52 @@ impl std::io::Write for Writer {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+#[tokio::test]
+async fn api_requests_beyond_the_concurrency_limit_wait_their_turn() {
+    use crate::lifecycle::{connected, spawn_token_call};
+    use crate::support::fake_provider::Endpoint;
+
+    let (app, fake) = spawn_with_fake_and(&[("OAUTH_MAX_CONCURRENT_REQUESTS", "2")]).await;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(connected(&app, &fake, "google", &format!("g-{n}")).await);
+    }
+    // Every token is due: each hand-out refreshes at the (slow) provider while it is counted.
+    app.clock.advance(chrono::Duration::minutes(59));
+    fake.set_latency("google", Endpoint::Token, Duration::from_millis(200));
+    let calls: Vec<_> = ids.iter().map(|id| spawn_token_call(&app, id)).collect();
+    for call in calls {
+        call.await.expect("answered 200 after waiting");
+    }
+    assert_eq!(fake.count_grant("google", "refresh_token"), 6);
+    assert_eq!(fake.max_in_flight(), 2, "two at a time, never more");
+}
+
+#[tokio::test]
+async fn a_sign_in_waiting_for_its_provider_does_not_hold_up_token_hand_outs() {
+    use crate::lifecycle::{connected, get_token};
+    use crate::support::fake_provider::Endpoint;
+
+    let (app, fake) = spawn_with_fake_and(&[("OAUTH_MAX_CONCURRENT_REQUESTS", "1")]).await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    fake.set_latency("google", Endpoint::Token, Duration::from_secs(2));
+    let signed_in = AtomicBool::new(false);
+    let sign_in = async {
+        connected(&app, &fake, "google", "g-2").await;
+        signed_in.store(true, Ordering::SeqCst);
+    };
+    let hand_out = async {
+        // Once its callback has reached the provider (and holds the one sign-in permit).
+        while fake.count_grant("google", "authorization_code") < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let status = get_token(&app, &id).await.status();
+        (status, signed_in.load(Ordering::SeqCst))
+    };
+    // `connected` asserts that the sign-in succeeds, once its provider answers.
+    let ((), (hand_out_status, sign_in_was_done)) = tokio::join!(sign_in, hand_out);
+    assert_eq!(hand_out_status, 200);
+    assert!(!sign_in_was_done, "answered while the sign-in waited");
 }

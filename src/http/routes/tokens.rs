@@ -51,9 +51,9 @@ pub async fn token(
         access_token: issued.access_token.expose_secret().to_owned(),
         token_type: issued.token_type,
         expires_at: issued.expires_at,
-        scopes: issued.integration.granted_scopes,
-        provider: issued.integration.provider,
-        provider_account_id: issued.integration.provider_account_id,
+        scopes: issued.scopes,
+        provider: issued.provider,
+        provider_account_id: issued.provider_account_id,
     }))
 }
 

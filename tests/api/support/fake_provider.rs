@@ -478,6 +478,11 @@ impl FakeProvider {
             .remove(&(provider.to_owned(), endpoint));
     }
 
+    /// The most requests (any endpoint) this fake has handled at the same time.
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.lock().max_in_flight
+    }
+
     /// Time spent handling requests so far, summed over all requests (latency included):
     /// what a caller's time minus this is the caller's own overhead.
     pub fn handling_time(&self) -> Duration {
@@ -680,6 +685,9 @@ struct Inner {
     /// Standing latency per (provider, endpoint) ([`FakeProvider::set_latency`]).
     latencies: HashMap<(String, Endpoint), Duration>,
     handling_time: Duration,
+    /// Requests being handled now, and the most there ever were at once.
+    in_flight: usize,
+    max_in_flight: usize,
     consents: HashMap<String, VecDeque<Consent>>,
     faults: HashMap<(String, Endpoint), VecDeque<Fault>>,
     lifetimes: HashMap<String, i64>,
@@ -834,6 +842,24 @@ fn parse_route(path: &str) -> Option<Route> {
     }
 }
 
+/// Counts a request as in flight for as long as it lives (whichever way `handle` returns).
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn enter(shared: &Arc<Shared>) -> Self {
+        let mut inner = shared.lock();
+        inner.in_flight += 1;
+        inner.max_in_flight = inner.max_in_flight.max(inner.in_flight);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().in_flight -= 1;
+    }
+}
+
 async fn handle(
     State(shared): State<Arc<Shared>>,
     method: Method,
@@ -841,6 +867,7 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let _in_flight = InFlight::enter(&shared);
     let Some(route) = parse_route(uri.path()) else {
         return (
             StatusCode::NOT_FOUND,
