@@ -332,19 +332,20 @@ struct Service {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     _providers_dir: tempfile::TempDir,
     /// The service's own runtime (declared last: dropped after the rest).
-    _runtime: ServiceRuntime,
+    _runtime: OwnRuntime,
 }
 
-/// The service runs on a runtime of its own, with as many worker threads as `serve` has: the
-/// load generator's tasks must not queue in the same scheduler as the service's (in a shared
-/// one, a request waits behind every generator task runnable when it arrived, which a real
-/// client on its own process does not cause).
-struct ServiceRuntime(Option<tokio::runtime::Runtime>);
+/// The service and the fake provider each run on a runtime of their own (the service with as
+/// many worker threads as `serve` has): the load generator's tasks must not queue in the same
+/// scheduler as theirs. In a shared one, a request waits behind every generator task runnable
+/// when it arrived, and the fake's answer after its latency waits behind them too, which a real
+/// client on its own process, or a provider on its own machine, does not cause.
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
 
-impl ServiceRuntime {
-    fn start() -> anyhow::Result<Self> {
+impl OwnRuntime {
+    fn start(name: &str) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .thread_name("service")
+            .thread_name(name)
             .enable_all()
             .build()?;
         Ok(Self(Some(runtime)))
@@ -354,11 +355,11 @@ impl ServiceRuntime {
         self.0
             .as_ref()
             .map(tokio::runtime::Runtime::handle)
-            .ok_or_else(|| anyhow!("the service runtime is gone"))
+            .ok_or_else(|| anyhow!("a bench runtime is gone"))
     }
 }
 
-impl Drop for ServiceRuntime {
+impl Drop for OwnRuntime {
     fn drop(&mut self) {
         // Dropping a runtime blocks, which is not allowed inside the bench's own runtime.
         if let Some(runtime) = self.0.take() {
@@ -415,7 +416,7 @@ async fn start_service(database_url: &str, fake: &FakeProvider) -> anyhow::Resul
         .filter_map(|name| Some(((*name).to_owned(), std::env::var(name).ok()?)));
     vars.extend(passed);
     let config = config_from(&vars)?;
-    let runtime = ServiceRuntime::start()?;
+    let runtime = OwnRuntime::start("service")?;
     let (stop, stopped) = oneshot::channel::<()>();
     let (address, state, server) = runtime
         .handle()?
@@ -964,6 +965,15 @@ impl Storm {
     }
 }
 
+/// The `access_token` of a hand-out's JSON body.
+fn access_token(body: &[u8]) -> Result<String, String> {
+    let value: Value = serde_json::from_slice(body).map_err(|err| err.to_string())?;
+    Ok(value["access_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned())
+}
+
 /// Turns a profiler on or off around the storm: `BENCH_PERF_CTL` names the control FIFO of
 /// `perf record --control fifo:PATH --delay=-1` (profile the storm alone, not its set-up).
 fn profiler(command: &str) {
@@ -1077,28 +1087,33 @@ async fn refresh_storm(
                 });
             let latency = began.elapsed();
             let answered = Instant::now();
-            let token = result.and_then(|body| {
-                let value: Value = serde_json::from_slice(&body).map_err(|err| err.to_string())?;
-                Ok(value["access_token"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned())
-            });
-            (latency, answered, token)
+            // The body is read and the connection closed after the storm: parsing 1,000
+            // bodies, 999 closes and the service's teardown of their connections would
+            // otherwise compete with the answers still due (a real caller has its own CPU).
+            (began, latency, answered, result, connection)
         });
     }
     let cpu_start = CpuSample::now();
     profiler("enable");
     gate.wait().await;
-    let released = Instant::now();
+    // The storm begins with its first request (this task may be woken after some callers).
+    let mut released = Instant::now();
     let mut measured = Measured::default();
-    let mut tokens = HashSet::new();
     let mut first_answer = None::<Instant>;
+    let mut answers = Vec::with_capacity(callers);
     while let Some(done) = tasks.join_next().await {
-        let (latency, answered, token) = done?;
+        let (began, latency, answered, result, connection) = done?;
+        released = released.min(began);
         first_answer = Some(first_answer.map_or(answered, |first| first.min(answered)));
         measured.latencies.push(nanos(latency));
-        match token {
+        answers.push((result, connection));
+    }
+    let wall = released.elapsed();
+    profiler("disable");
+    let mut measured = measured.close(cpu_start, wall);
+    let mut tokens = HashSet::new();
+    for (result, _connection) in answers {
+        match result.and_then(|body| access_token(&body)) {
             Ok(token) => {
                 tokens.insert(token);
             }
@@ -1108,9 +1123,6 @@ async fn refresh_storm(
             }
         }
     }
-    let wall = released.elapsed();
-    profiler("disable");
-    let measured = measured.close(cpu_start, wall);
     let provider_called_after = fake
         .requests_to(PROVIDER, Endpoint::Token)
         .iter()
@@ -1180,7 +1192,9 @@ async fn run_on(
     database_url: &str,
     options: &Options,
 ) -> anyhow::Result<BackendResult> {
-    let fake = Arc::new(FakeProvider::start().await);
+    // Declared first, dropped last: the fake serves until everything that calls it is gone.
+    let fake_runtime = OwnRuntime::start("fake-provider")?;
+    let fake = Arc::new(fake_runtime.handle()?.spawn(FakeProvider::start()).await?);
     let service = start_service(database_url, &fake).await?;
     let version = server_version(service.db()).await;
     let started = Instant::now();

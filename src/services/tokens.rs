@@ -616,22 +616,15 @@ async fn single_flight(ctx: Context, wanted: Wanted) -> ServiceResult<Flown> {
         let (sealed, current, status) = match seen.take() {
             Some(Seen { sealed, current }) => (sealed, current, integration.status),
             None => {
-                let sealed = ctx
+                // With the status as it is now: a caller before us may have given up on this
+                // integration, or be backing off.
+                let (sealed, status) = ctx
                     .db
-                    .get_tokens(integration.id)
+                    .get_tokens_and_status(integration.id)
                     .await?
                     .ok_or_else(|| reauth(&integration))?;
                 let current = ctx.vault.open(&integration.user_id, &sealed)?;
-                if !needs_refresh(&trigger, &current, sealed.updated_at, now, &ctx.lifecycle) {
-                    return Ok(Flown::unchanged(current));
-                }
-                // A caller before us may have given up on this integration, or be backing off.
-                let latest = ctx
-                    .db
-                    .get_integration(integration.id)
-                    .await?
-                    .ok_or(ServiceError::NotFound)?;
-                (sealed, current, latest.status)
+                (sealed, current, status)
             }
         };
         if !needs_refresh(&trigger, &current, sealed.updated_at, now, &ctx.lifecycle) {

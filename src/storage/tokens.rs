@@ -5,7 +5,8 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{with_pool, with_writer, Database, StorageResult};
+use super::integrations::IntegrationStatus;
+use super::{with_pool, with_writer, Database, StorageError, StorageResult};
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct SealedTokens {
@@ -33,6 +34,13 @@ pub struct OwnedSealedTokens {
     #[sqlx(flatten)]
     pub tokens: SealedTokens,
     pub user_id: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct TokensWithStatus {
+    #[sqlx(flatten)]
+    tokens: SealedTokens,
+    status: String,
 }
 
 pub(crate) const UPSERT_SQL: &str = "INSERT INTO oauth_tokens (integration_id, key_id, access_token, \
@@ -68,6 +76,11 @@ pub(crate) use upsert_tokens_query;
 pub(crate) const COLUMNS: &str =
     "integration_id, key_id, access_token, refresh_token, id_token, token_type, \
     expires_at, refresh_token_expires_at, generation, created_at, updated_at, refresh_failures, refresh_not_before";
+
+/// [`COLUMNS`] of `oauth_tokens` aliased `t`, for reads joined with `oauth_integrations i`.
+fn joined_columns() -> String {
+    format!("t.{}", COLUMNS.replace(", ", ", t."))
+}
 
 /// What a refresher saw before asking for the lease ([`Database::lease_unchanged_tokens`]).
 #[derive(Debug, Clone, Copy)]
@@ -133,6 +146,28 @@ impl Database {
             .await)?)
     }
 
+    /// The token row with its integration's current status, in one read (a refresh decides
+    /// on both, and on a crowded machine every round trip is a wait for a core).
+    pub async fn get_tokens_and_status(
+        &self,
+        integration_id: Uuid,
+    ) -> StorageResult<Option<(SealedTokens, IntegrationStatus)>> {
+        let columns = joined_columns();
+        let sql = format!(
+            "SELECT {columns}, i.status FROM oauth_tokens t \
+             JOIN oauth_integrations i ON i.id = t.integration_id WHERE t.integration_id = $1"
+        );
+        let row: Option<TokensWithStatus> = with_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(integration_id)
+            .fetch_optional(pool)
+            .await)?;
+        row.map(|row| {
+            let status = row.status.parse().map_err(StorageError::Corrupt)?;
+            Ok((row.tokens, status))
+        })
+        .transpose()
+    }
+
     /// The token rows of those integrations among `ids` that have tokens, in no particular order.
     pub async fn get_tokens_of(&self, ids: &[Uuid]) -> StorageResult<Vec<SealedTokens>> {
         let select = format!("SELECT {COLUMNS} FROM oauth_tokens WHERE integration_id");
@@ -146,9 +181,9 @@ impl Database {
         active_key_id: &str,
         limit: i64,
     ) -> StorageResult<Vec<OwnedSealedTokens>> {
-        let columns = COLUMNS.replace(", ", ", t.");
+        let columns = joined_columns();
         let sql = format!(
-            "SELECT t.{columns}, i.user_id FROM oauth_tokens t \
+            "SELECT {columns}, i.user_id FROM oauth_tokens t \
              JOIN oauth_integrations i ON i.id = t.integration_id \
              WHERE t.key_id <> $1 ORDER BY t.integration_id LIMIT $2"
         );
@@ -416,9 +451,9 @@ impl Database {
         now: DateTime<Utc>,
         limit: i64,
     ) -> StorageResult<Vec<QueuedRevocation>> {
-        let columns = COLUMNS.replace(", ", ", t.");
+        let columns = joined_columns();
         let sql = format!(
-            "SELECT t.{columns}, i.user_id, i.provider, t.revoke_attempts FROM oauth_tokens t \
+            "SELECT {columns}, i.user_id, i.provider, t.revoke_attempts FROM oauth_tokens t \
              JOIN oauth_integrations i ON i.id = t.integration_id \
              WHERE t.revoke_requested_at IS NOT NULL AND t.revoke_not_before <= $1 \
              ORDER BY t.revoke_not_before LIMIT $2"

@@ -122,6 +122,37 @@ async fn integrations_and_tokens_are_read_by_the_hundred_with_the_missing_left_o
     assert!(app.db.get_integrations(&[]).await.expect("none").is_empty());
 }
 
+/// The refresh path reads a token row and its integration's status in one round trip: both as
+/// stored now, and nothing for an integration without tokens.
+#[tokio::test]
+async fn a_token_row_is_read_with_its_integration_s_current_status() {
+    use oauth_manager::storage::integrations::IntegrationStatus;
+    let app = spawn_app().await;
+    let now = app.clock.now();
+    let integration = app.seed_integration("alice", "google").await;
+    let id = integration.id;
+    let read = |id| app.db.get_tokens_and_status(id);
+    assert!(read(id).await.expect("read").is_none(), "no tokens yet");
+    app.db
+        .upsert_tokens(&sealed(id, now))
+        .await
+        .expect("tokens");
+    let (tokens, status) = read(id).await.expect("read").expect("row");
+    let alone = app.db.get_tokens(id).await.expect("read").expect("row");
+    assert_eq!(tokens, alone, "the same row as get_tokens reads");
+    assert_eq!(status, IntegrationStatus::Active);
+    let later = now + Duration::seconds(1);
+    let given_up = IntegrationStatus::NeedsReauth;
+    let db = &app.db;
+    db.set_integration_status(id, given_up, Some("invalid_grant"), later)
+        .await
+        .expect("status");
+    let (_, status) = read(id).await.expect("read").expect("row");
+    assert_eq!(status, given_up, "the status as it is now");
+    let other = app.seed_integration("bob", "google").await;
+    assert!(read(other.id).await.expect("read").is_none());
+}
+
 #[tokio::test]
 async fn token_writes_bump_the_generation_and_cascade_with_the_integration() {
     let app = spawn_app().await;
