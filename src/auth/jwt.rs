@@ -78,7 +78,8 @@ pub struct JwtVerifier {
 
 /// The outcome of a successful verification, and until when it stands.
 struct Remembered {
-    principal: Principal,
+    /// Shared with every request that presents the token: a clone is a reference count.
+    principal: Arc<Principal>,
     /// `exp` plus leeway, or [`REVERIFY_AFTER`] past the verification if that comes first.
     until: DateTime<Utc>,
     /// The JWKS generation it was verified under (always 0 with a static key).
@@ -133,7 +134,7 @@ impl JwtVerifier {
         })
     }
 
-    pub async fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+    pub async fn verify(&self, token: &str) -> Result<Arc<Principal>, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Malformed);
         }
@@ -147,6 +148,7 @@ impl JwtVerifier {
             }
         }
         let (principal, expires) = self.verify_fully(token).await?;
+        let principal = Arc::new(principal);
         let until = expires
             .checked_add_signed(self.leeway)
             .map_or(now, |end| end.min(now + REVERIFY_AFTER));

@@ -2,6 +2,7 @@
 //! problem+json like every other error.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request};
@@ -19,7 +20,7 @@ use serde_json::json;
 
 /// Any caller with a valid JWT.
 #[derive(Debug, Clone)]
-pub struct Authenticated(pub Principal);
+pub struct Authenticated(pub Arc<Principal>);
 
 impl FromRequestParts<AppState> for Authenticated {
     type Rejection = ApiError;
@@ -37,7 +38,7 @@ impl FromRequestParts<AppState> for Authenticated {
 
 /// The outcome of verifying a request's bearer token, kept in its extensions.
 #[derive(Debug, Clone)]
-struct Verified(Result<Principal, AuthError>);
+struct Verified(Result<Arc<Principal>, AuthError>);
 
 /// Verifies the request's bearer token, at most once per request: the rate limiter (which
 /// runs first and needs the user) and the extractors share the outcome, failures included.
@@ -45,7 +46,7 @@ pub(crate) async fn verify_once(
     headers: &HeaderMap,
     extensions: &mut Extensions,
     verifier: &JwtVerifier,
-) -> Result<Principal, AuthError> {
+) -> Result<Arc<Principal>, AuthError> {
     if let Some(Verified(outcome)) = extensions.get::<Verified>() {
         return outcome.clone();
     }

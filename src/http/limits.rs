@@ -229,7 +229,7 @@ pub async fn limit_requests(
     let user = verify_once(&parts.headers, &mut parts.extensions, &state.verifier)
         .await
         .ok()
-        .map(|principal| principal.user_id);
+        .map(|principal| principal.user_id.clone());
     let (key, by) = match user {
         Some(user) => (format!("user:{user}"), "user"),
         None => {

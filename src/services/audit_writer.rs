@@ -7,19 +7,21 @@
 //!
 //! Two ways in: [`AuditWriter::append`] waits until the event is committed (every event that
 //! changes something: connect, refresh, disconnect, consent, denials …), and
-//! [`AuditWriter::count_hand_out`] only waits for room in the queue (`token_handed_out`, the one
-//! event per read on the hot path). Hand-outs alike are coalesced for
-//! `OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS` into one row that counts them ([`super::audit_tally`]).
-//! The queue is bounded, so a slow database slows callers down instead of growing memory;
+//! [`AuditWriter::count_hand_out`] waits for nothing (`token_handed_out`, the one event per read
+//! on the hot path). Hand-outs alike are coalesced for `OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS` into
+//! one row that counts them ([`super::audit_tally`]), counted by the caller under a short lock
+//! in a tally the task shares: no message and no wake-up of the task per hand-out (that was
+//! about 5 % of a hand-out's CPU, BENCHMARKS.md). The queue and the open counts are bounded, so a
+//! slow database slows callers down instead of growing memory;
 //! [`AuditWriter::flush`] waits until everything queued before it is written, open counts
 //! included (graceful shutdown, and readers of the log that must see their own writes). What a
 //! hard crash can lose is therefore limited to the hand-out records of the last moments (one
 //! window, or with a window of zero one batch: at most [`LINGER`] plus one commit).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::audit::{chain_key, row_hash, salt_of, Salt};
 use super::audit_tally::Tally;
@@ -34,6 +36,9 @@ const QUEUE_CAPACITY: usize = 8192;
 const MAX_BATCH: usize = 256;
 /// Open hand-out counts at most; past this many they are all written at once.
 const MAX_OPEN_COUNTS: usize = 8192;
+/// Open counts past which a hand-out that would open one more is queued instead (and so waits
+/// for room, like every other event) while the task writes the ones open.
+const MAX_OPEN_COUNTS_AT_ALL: usize = 2 * MAX_OPEN_COUNTS;
 /// With a hand-out window of zero, how long a batch of only hand-out rows (nobody waits for
 /// their commit) waits for more to share its commit. Each commit costs the database a log flush, so under a stream of
 /// hand-outs this turns hundreds of small commits per second into a few dozen full ones. An
@@ -44,9 +49,64 @@ type Ack = oneshot::Sender<Result<i64, String>>;
 
 enum Message {
     Append(Box<NewAuditEvent>, Ack),
-    /// A hand-out: counted (coalesced) unless the window is zero.
+    /// A hand-out: a row of its own with a window of zero, else one that found too many
+    /// counts open (counted by the task).
     Count(Box<NewAuditEvent>),
     Flush(oneshot::Sender<()>),
+}
+
+/// Open hand-out counts, shared by the callers that count and the task that writes them.
+#[derive(Debug)]
+struct Counts {
+    tally: Mutex<Tally>,
+    window: Duration,
+    /// Wakes the task when a count opens while none was open (it may be asleep with no due
+    /// time), or when too many are open.
+    opened: Notify,
+}
+
+impl Counts {
+    fn new(window: Duration) -> Self {
+        Self {
+            tally: Mutex::new(Tally::new(window)),
+            window,
+            opened: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tally> {
+        // The tally is consistent after every call: a panic elsewhere leaves nothing half-done.
+        self.tally.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts `event`; gives it back when it would open a count past
+    /// [`MAX_OPEN_COUNTS_AT_ALL`].
+    fn add(&self, event: NewAuditEvent) -> Option<NewAuditEvent> {
+        let (first, open) = {
+            let mut tally = self.lock();
+            if tally.len() >= MAX_OPEN_COUNTS_AT_ALL {
+                return Some(event);
+            }
+            let was_empty = tally.is_empty();
+            let opened = tally.add(event, Instant::now());
+            (opened && was_empty, tally.len())
+        };
+        if first || open > MAX_OPEN_COUNTS {
+            self.opened.notify_one();
+        }
+        None
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.lock().next_due()
+    }
+}
+
+/// The task's way in, made on first use.
+#[derive(Debug)]
+struct Running {
+    queue: mpsc::Sender<Message>,
+    counts: Arc<Counts>,
 }
 
 /// The process's audit writer; clones share the queue. The task starts on first use, on the
@@ -54,7 +114,7 @@ enum Message {
 /// dropped.
 #[derive(Debug, Clone, Default)]
 pub struct AuditWriter {
-    queue: Arc<OnceLock<mpsc::Sender<Message>>>,
+    running: Arc<OnceLock<Running>>,
     /// Where the task runs: not on the refresh lane, whose caller may happen to be first.
     home: Option<tokio::runtime::Handle>,
 }
@@ -72,7 +132,7 @@ impl AuditWriter {
     /// A writer whose task will run on the current runtime, whoever uses it first.
     pub fn on_current_runtime() -> Self {
         Self {
-            queue: Arc::default(),
+            running: Arc::default(),
             home: tokio::runtime::Handle::try_current().ok(),
         }
     }
@@ -91,38 +151,62 @@ impl AuditWriter {
             .map_err(|err| ServiceError::Internal(format!("audit write failed: {err}")))
     }
 
-    /// Queues the hand-out record `event` without waiting for its commit: it is counted with
-    /// hand-outs alike and written when its window ends (at once with a window of zero).
+    /// Records the hand-out `event` without waiting for its commit: it is counted with
+    /// hand-outs alike and written when its window ends (queued for a row of its own with a
+    /// window of zero).
     pub async fn count_hand_out(
         &self,
         deps: impl FnOnce() -> WriterDeps,
         event: NewAuditEvent,
     ) -> ServiceResult<()> {
-        self.send(deps, Message::Count(Box::new(event))).await
+        let running = self.running(deps);
+        let event = if running.counts.window.is_zero() {
+            event
+        } else {
+            match running.counts.add(event) {
+                None => return Ok(()),
+                Some(too_many_open) => too_many_open,
+            }
+        };
+        running
+            .queue
+            .send(Message::Count(Box::new(event)))
+            .await
+            .map_err(|_| stopped())
     }
 
     /// Waits until every event queued before this call has been written (or failed).
     pub async fn flush(&self) {
-        let Some(queue) = self.queue.get() else {
+        let Some(running) = self.running.get() else {
             return;
         };
         let (ack, done) = oneshot::channel();
-        if queue.send(Message::Flush(ack)).await.is_ok() {
+        if running.queue.send(Message::Flush(ack)).await.is_ok() {
             let _ = done.await;
         }
     }
 
     async fn send(&self, deps: impl FnOnce() -> WriterDeps, message: Message) -> ServiceResult<()> {
-        let queue = self.queue.get_or_init(|| {
+        let running = self.running(deps);
+        running.queue.send(message).await.map_err(|_| stopped())
+    }
+
+    /// The task's way in, starting the task on first use.
+    fn running(&self, deps: impl FnOnce() -> WriterDeps) -> &Running {
+        self.running.get_or_init(|| {
+            let deps = deps();
+            let counts = Arc::new(Counts::new(deps.hand_out_window));
             let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
-            let task = run(receiver, deps());
+            let task = run(receiver, deps, counts.clone());
             match &self.home {
                 Some(home) => drop(home.spawn(task)),
                 None => drop(tokio::spawn(task)),
             }
-            sender
-        });
-        queue.send(message).await.map_err(|_| stopped())
+            Running {
+                queue: sender,
+                counts,
+            }
+        })
     }
 }
 
@@ -137,22 +221,21 @@ const HEADS_KEPT_FOR: Duration = Duration::from_secs(30);
 /// Heads remembered at most (one entry per recently active user).
 const HEADS_KEPT_AT_MOST: usize = 50_000;
 
-async fn run(mut receiver: mpsc::Receiver<Message>, deps: WriterDeps) {
+async fn run(mut receiver: mpsc::Receiver<Message>, deps: WriterDeps, counts: Arc<Counts>) {
     let mut messages = Vec::with_capacity(MAX_BATCH);
-    let mut tally = Tally::new(deps.hand_out_window);
     let mut heads = ChainHeads::new();
     let mut heads_since = Instant::now();
     loop {
-        let open = receive(&mut receiver, &mut messages, tally.next_due()).await;
+        let open = receive(&mut receiver, &mut messages, &counts).await;
         // Counted hand-outs wait in the tally anyway; only a row per hand-out needs company.
-        if !messages.is_empty() && tally.window().is_zero() {
+        if !messages.is_empty() && counts.window.is_zero() {
             linger(&mut receiver, &mut messages).await;
         }
         if heads_since.elapsed() > HEADS_KEPT_FOR || heads.len() > HEADS_KEPT_AT_MOST {
             heads.clear();
             heads_since = Instant::now();
         }
-        let batch = Batch::of(std::mem::take(&mut messages), &mut tally, !open);
+        let batch = Batch::of(std::mem::take(&mut messages), &counts, !open);
         write_batch(&deps, &mut heads, batch).await;
         if !open {
             return;
@@ -160,19 +243,27 @@ async fn run(mut receiver: mpsc::Receiver<Message>, deps: WriterDeps) {
     }
 }
 
-/// Waits for messages until the oldest open count falls due; false once every sender is gone.
+/// Waits for messages, a count opening while none was open, or the oldest open count to fall
+/// due; false once every sender is gone.
 async fn receive(
     receiver: &mut mpsc::Receiver<Message>,
     messages: &mut Vec<Message>,
-    due: Option<Instant>,
+    counts: &Counts,
 ) -> bool {
+    // A count opened after `next_due` was read has left a permit here: nothing is missed.
+    let opened = counts.opened.notified();
+    let due = counts.next_due();
     let received = receiver.recv_many(messages, MAX_BATCH);
-    match due {
-        None => received.await > 0,
-        Some(due) => match tokio::time::timeout_at(due.into(), received).await {
-            Ok(count) => count > 0,
-            Err(_elapsed) => true,
-        },
+    let fall_due = async {
+        match due {
+            Some(due) => tokio::time::sleep_until(due.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        count = received => count > 0,
+        () = opened => true,
+        () = fall_due => true,
     }
 }
 
@@ -184,14 +275,15 @@ struct Batch {
 }
 
 impl Batch {
-    /// Sorts `messages` into a batch, counting hand-outs in `tally`; everything open is taken
-    /// on a flush, on shutdown (`closing`) or when too much is open.
-    fn of(messages: Vec<Message>, tally: &mut Tally, closing: bool) -> Self {
+    /// Sorts `messages` into a batch with the counts due; everything open is taken on a flush,
+    /// on shutdown (`closing`) or when too much is open.
+    fn of(messages: Vec<Message>, counts: &Counts, closing: bool) -> Self {
         let mut fresh = Vec::with_capacity(messages.len());
         let mut acks = Vec::with_capacity(messages.len());
         let mut flushes = Vec::new();
-        let window_is_zero = tally.window().is_zero();
+        let window_is_zero = counts.window.is_zero();
         let now = Instant::now();
+        let mut tally = counts.lock();
         for message in messages {
             match message {
                 Message::Append(event, ack) => {
@@ -202,7 +294,9 @@ impl Batch {
                     fresh.push(*event);
                     acks.push(None);
                 }
-                Message::Count(event) => tally.add(*event, now),
+                Message::Count(event) => {
+                    tally.add(*event, now);
+                }
                 Message::Flush(ack) => flushes.push(ack),
             }
         }

@@ -29,6 +29,7 @@ use std::time::{Duration as StdDuration, Instant};
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
+use super::tokens::IssuedToken;
 use super::vault::TokenSet;
 use crate::storage::integrations::{Integration, IntegrationStatus};
 
@@ -41,6 +42,8 @@ const CAPACITY: u64 = 4096;
 pub struct CachedTokens {
     pub integration: Integration,
     pub tokens: TokenSet,
+    /// What a hand-out of it answers, made once.
+    pub issued: IssuedToken,
     /// When this token set was stored (the start of its lifetime for the refresh margin).
     pub stored_at: DateTime<Utc>,
     /// When this entry was read (or refreshed) here.
@@ -158,6 +161,7 @@ impl TokenCache {
         match integration.status {
             IntegrationStatus::Active | IntegrationStatus::Error => {
                 let entry = CachedTokens {
+                    issued: IssuedToken::new(integration, tokens),
                     integration: integration.clone(),
                     tokens: tokens.clone(),
                     stored_at,

@@ -24,9 +24,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex as StdMutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration as StdDuration, Instant};
 
+use bytes::Bytes;
 use chrono::{DateTime, Duration, Utc};
 use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
@@ -34,6 +35,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 use uuid::Uuid;
+use zeroize::Zeroizing;
 
 use super::audit::{self, RequestContext};
 use super::token_cache::{CachedTokens, ReadStart};
@@ -207,29 +209,58 @@ pub enum Trigger {
     Rejected { access_token: Option<SecretString> },
 }
 
-/// A token handed out to a caller, with what it is told of its integration. Only these
-/// parts are copied: a hand-out from the cache would otherwise copy the whole integration
-/// (metadata, both scope lists, errors) on every request.
+/// A token handed out to a caller, with what it is told of its integration. Made once per
+/// cached token set and shared by all its hand-outs (a clone is a reference count), with the
+/// answer the HTTP layer renders from it: a token in steady use is rendered once per cache
+/// entry, not once per request (copying and serialising it per request was ~4 % of a
+/// hand-out's CPU, BENCHMARKS.md).
 #[derive(Debug, Clone)]
-pub struct IssuedToken {
+pub struct IssuedToken(Arc<Issued>);
+
+#[derive(Debug)]
+pub struct Issued {
     pub access_token: SecretString,
     pub token_type: String,
     pub expires_at: Option<DateTime<Utc>>,
     pub scopes: Vec<String>,
     pub provider: String,
     pub provider_account_id: String,
+    answer: OnceLock<Bytes>,
 }
 
 impl IssuedToken {
-    fn new(integration: &Integration, tokens: &TokenSet) -> Self {
-        Self {
+    pub fn new(integration: &Integration, tokens: &TokenSet) -> Self {
+        Self(Arc::new(Issued {
             access_token: tokens.access_token.clone(),
             token_type: tokens.token_type.clone(),
             expires_at: tokens.expires_at,
             scopes: integration.granted_scopes.clone(),
             provider: integration.provider.clone(),
             provider_account_id: integration.provider_account_id.clone(),
+            answer: OnceLock::new(),
+        }))
+    }
+
+    /// The answer `render` makes of this token, rendered once however often it is handed out.
+    /// It holds the token: its bytes are zeroed when the last copy (in a response being
+    /// written, or here) is dropped.
+    pub fn answer<E>(
+        &self,
+        render: impl FnOnce(&Issued) -> Result<Vec<u8>, E>,
+    ) -> Result<Bytes, E> {
+        if let Some(answer) = self.0.answer.get() {
+            return Ok(answer.clone());
         }
+        let answer = Bytes::from_owner(Zeroizing::new(render(&self.0)?));
+        Ok(self.0.answer.get_or_init(|| answer).clone())
+    }
+}
+
+impl std::ops::Deref for IssuedToken {
+    type Target = Issued;
+
+    fn deref(&self) -> &Issued {
+        &self.0
     }
 }
 
@@ -259,7 +290,7 @@ pub async fn access_token(
         None
     };
     if let Some(cached) = cached {
-        let issued = IssuedToken::new(&cached.integration, &cached.tokens);
+        let issued = cached.issued.clone();
         let event = handed_out(ctx, actor, &cached.integration, Outcome::Success, client);
         drop(cached);
         audit::record_hand_out(ctx, event).await;

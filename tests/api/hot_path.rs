@@ -145,6 +145,52 @@ async fn concurrent_hand_outs_alike_are_counted_in_one_row_in_intact_chains() {
     }
 }
 
+/// Counts are made where the hand-out happens, without a message to the writer: the writer
+/// must still wake and write each one when its window ends, with nobody flushing.
+#[tokio::test]
+async fn counted_hand_outs_are_written_when_their_window_ends_without_a_flush() {
+    let (app, fake) = spawn_with_fake_and(&[]).await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    for round in 0..2 {
+        let url = app.url(&format!("/api/v1/oauth/integrations/{id}/token"));
+        for _ in 0..3 {
+            let response = app
+                .http
+                .get(&url)
+                .bearer_auth(app.token("backend", &["service"]))
+                .send()
+                .await
+                .expect("hand-out");
+            assert_eq!(response.status(), 200);
+        }
+        let page = oauth_manager::storage::Page {
+            after: None,
+            limit: 200,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let counted = loop {
+            let events = app
+                .db
+                .list_audit_events(Some("alice"), page)
+                .await
+                .expect("audit events");
+            let counted: u64 = events
+                .items
+                .iter()
+                .filter(|event| event.action == "token_handed_out")
+                .map(|event| event.details["count"].as_u64().expect("count"))
+                .sum();
+            if counted == 3 * (round + 1) || std::time::Instant::now() > deadline {
+                break counted;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        // The second round opens a count after the first was written: the writer was
+        // asleep with nothing due and must be woken again.
+        assert_eq!(counted, 3 * (round + 1), "round {round}");
+    }
+}
+
 #[tokio::test]
 async fn with_a_window_of_zero_every_concurrent_hand_out_has_a_row_of_its_own() {
     let (app, fake) = spawn_with_fake_and(&[("OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS", "0")]).await;

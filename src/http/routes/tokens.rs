@@ -1,6 +1,8 @@
 //! Tokens for backends, refresh on request, disconnect.
 
 use axum::extract::State;
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
@@ -12,7 +14,7 @@ use crate::http::error::ApiError;
 use crate::http::extract::{ApiPath, Authenticated, Authorized, ClientInfo, OptionalJson};
 use crate::http::AppState;
 use crate::services::disconnect::{self, ProviderRevocation};
-use crate::services::tokens;
+use crate::services::tokens::{self, Issued};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TokenResponse {
@@ -45,16 +47,28 @@ pub async fn token(
     Authorized(actor): Authorized<ReadTokens>,
     ApiPath(id): ApiPath<Uuid>,
     ClientInfo(client): ClientInfo,
-) -> Result<Json<TokenResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let issued = tokens::access_token(&state.services, &actor, id, &client).await?;
-    Ok(Json(TokenResponse {
-        access_token: issued.access_token.expose_secret().to_owned(),
-        token_type: issued.token_type,
-        expires_at: issued.expires_at,
-        scopes: issued.scopes,
-        provider: issued.provider,
-        provider_account_id: issued.provider_account_id,
-    }))
+    // Rendered once per cached token set, whoever asks (the same bytes `Json` would write).
+    let body = issued
+        .answer(|token| serde_json::to_vec(&TokenResponse::from(token)))
+        .map_err(|err| ApiError::internal(&format!("token answer not rendered: {err}")))?;
+    Ok(([(header::CONTENT_TYPE, JSON)], body).into_response())
+}
+
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+impl From<&Issued> for TokenResponse {
+    fn from(issued: &Issued) -> Self {
+        Self {
+            access_token: issued.access_token.expose_secret().to_owned(),
+            token_type: issued.token_type.clone(),
+            expires_at: issued.expires_at,
+            scopes: issued.scopes.clone(),
+            provider: issued.provider.clone(),
+            provider_account_id: issued.provider_account_id.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
