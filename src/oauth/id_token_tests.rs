@@ -365,9 +365,7 @@ async fn claims_are_extracted() {
 
 #[tokio::test]
 async fn unreachable_jwks_is_keys_unavailable() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    drop(listener);
+    let (socket, address) = crate::oauth::test_server::refusing_address();
     let cache =
         JwksCache::new(url::Url::parse(&format!("http://{address}/jwks")).unwrap()).unwrap();
     let issuer = IssuerRule::Exact(GOOGLE.to_owned());
@@ -383,6 +381,7 @@ async fn unreachable_jwks_is_keys_unavailable() {
         .unwrap_err();
     assert!(matches!(err, IdTokenError::KeysUnavailable(_)), "{err:?}");
     assert_eq!(err.code(), "id_token_keys_unavailable");
+    drop(socket);
 }
 
 #[test]

@@ -228,14 +228,12 @@ mod tests {
 
     #[tokio::test]
     async fn network_failure_is_transient() {
-        // Bind then drop a listener so the port is (almost certainly) closed.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        drop(listener);
+        let (socket, address) = super::test_server::refusing_address();
         let url = Url::parse(&format!("http://{address}/userinfo")).unwrap();
         let err = get_json_with_bearer(&http_client().unwrap(), &url, &token())
             .await
             .unwrap_err();
         assert_eq!(err.class(), FailureClass::Transient, "{err:?}");
+        drop(socket);
     }
 }

@@ -149,3 +149,15 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
     }
     response.body(Body::from(scripted.body)).unwrap()
 }
+
+/// An address that refuses connections for as long as the returned socket lives: bound, never
+/// listening. (A listener bound and dropped frees its port for any server another test starts
+/// at the same moment, which then answers the request meant to fail.)
+pub fn refusing_address() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .unwrap();
+    let address = socket.local_addr().unwrap();
+    (socket, address)
+}

@@ -194,10 +194,6 @@ impl<S: BuildHasher> Tally<S> {
         Some(open)
     }
 
-    pub fn window(&self) -> Duration {
-        self.window
-    }
-
     /// Open counts.
     pub fn len(&self) -> usize {
         self.opened
