@@ -109,6 +109,12 @@ struct Running {
     counts: Arc<Counts>,
 }
 
+impl Running {
+    async fn send(&self, message: Message) -> ServiceResult<()> {
+        self.queue.send(message).await.map_err(|_| stopped())
+    }
+}
+
 /// The process's audit writer; clones share the queue. The task starts on first use, on the
 /// runtime the writer was made on (else its first caller's), and ends when the last clone is
 /// dropped.
@@ -168,11 +174,7 @@ impl AuditWriter {
                 Some(too_many_open) => too_many_open,
             }
         };
-        running
-            .queue
-            .send(Message::Count(Box::new(event)))
-            .await
-            .map_err(|_| stopped())
+        running.send(Message::Count(Box::new(event))).await
     }
 
     /// Waits until every event queued before this call has been written (or failed).
@@ -187,8 +189,7 @@ impl AuditWriter {
     }
 
     async fn send(&self, deps: impl FnOnce() -> WriterDeps, message: Message) -> ServiceResult<()> {
-        let running = self.running(deps);
-        running.queue.send(message).await.map_err(|_| stopped())
+        self.running(deps).send(message).await
     }
 
     /// The task's way in, starting the task on first use.

@@ -14,7 +14,7 @@ use crate::http::error::ApiError;
 use crate::http::extract::{ApiPath, Authenticated, Authorized, ClientInfo, OptionalJson};
 use crate::http::AppState;
 use crate::services::disconnect::{self, ProviderRevocation};
-use crate::services::tokens::{self, Issued};
+use crate::services::tokens::{self, Issued, IssuedToken};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TokenResponse {
@@ -119,14 +119,8 @@ pub async fn refresh(
     let may_read_token = principal
         .authorize::<ReadTokens>()
         .is_ok_and(|reader| reader.can_access(&integration.user_id));
-    let token = may_read_token.then(|| TokenResponse {
-        access_token: fresh.access_token.expose_secret().to_owned(),
-        token_type: fresh.token_type.clone(),
-        expires_at: fresh.expires_at,
-        scopes: integration.granted_scopes.clone(),
-        provider: integration.provider.clone(),
-        provider_account_id: integration.provider_account_id.clone(),
-    });
+    let token =
+        may_read_token.then(|| TokenResponse::from(&*IssuedToken::new(&integration, &fresh)));
     Ok(Json(RefreshResponse {
         integration: integration.into(),
         token,
