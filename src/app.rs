@@ -156,6 +156,7 @@ pub async fn build_services(
         ),
         tokens_cache: crate::services::token_cache::TokenCache::new(config.lifecycle.token_cache),
         lane: Arc::new(lane),
+        refresh_commits: Arc::default(),
     })
 }
 

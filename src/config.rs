@@ -681,7 +681,7 @@ fn parse_lifecycle(env: &Env<'_>) -> Result<LifecycleSettings, ConfigError> {
     };
     // A refresh (a provider call, possibly one quick retry) must end before its lease does,
     // or another replica could refresh with the same refresh token.
-    let needed = settings.provider_timeout * 2 + Duration::seconds(5);
+    let needed = settings.longest_refresh();
     if settings.lease < needed {
         return Err(ConfigError::invalid(
             "OAUTH_REFRESH_LEASE_SECONDS",

@@ -13,6 +13,7 @@ pub mod integrations;
 pub mod keys;
 pub mod lane;
 pub mod privacy;
+pub mod refresh_commits;
 pub mod token_cache;
 pub mod tokens;
 pub mod vault;
@@ -54,6 +55,8 @@ pub struct Context {
     pub tokens_cache: token_cache::TokenCache,
     /// Where a token that many callers wait for is loaded and refreshed ([`lane`]).
     pub lane: Arc<lane::Lane>,
+    /// Refreshed tokens committed together ([`refresh_commits`]).
+    pub refresh_commits: Arc<refresh_commits::RefreshCommits>,
 }
 
 impl Context {

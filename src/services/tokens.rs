@@ -77,6 +77,14 @@ impl Default for LifecycleSettings {
     }
 }
 
+impl LifecycleSettings {
+    /// The longest a refresh can take once it holds the lease: a provider call, possibly one
+    /// quick retry, and the commit. A lease must last at least this long.
+    pub fn longest_refresh(&self) -> Duration {
+        self.provider_timeout * 2 + Duration::seconds(5)
+    }
+}
+
 /// Per-integration in-process locks; entries vanish when nobody holds them. Two kinds: the
 /// refresh lock ([`Flights::lock`]) and the load lock ([`Flights::load`]), held by the one
 /// hand-out that reads an integration missing from the token cache while others with the same
@@ -579,7 +587,7 @@ pub async fn refresh_claimed(
 /// A worker's claim on a token row, handed over to the refresh that takes the lease.
 struct Claim {
     owner: String,
-    /// Set once the lease has passed from the claim to the refresh.
+    /// Set once the refresh holds the lease: the claim itself, or a lease it was handed to.
     transferred: Arc<AtomicBool>,
 }
 
@@ -683,7 +691,7 @@ async fn single_flight(ctx: Context, wanted: Wanted) -> ServiceResult<Flown> {
                 .await
                 .map(Flown::unchanged);
         }
-        let lease = ctx.new_lease("");
+        let mut lease = ctx.new_lease("");
         let ours = ctx.own_leases();
         let until = now + ctx.lifecycle.lease;
         // The lease is only granted if the row is still as read above (same generation, still
@@ -696,10 +704,15 @@ async fn single_flight(ctx: Context, wanted: Wanted) -> ServiceResult<Flown> {
         };
         let taken = match &claimed {
             Some(claim) => {
-                let moved = ctx
-                    .db
-                    .transfer_token_lease(integration.id, &claim.owner, &lease, check, until)
-                    .await?;
+                let moved = match adopt_claim(ctx, integration.id, claim, check, &lease, until)
+                    .await?
+                {
+                    Some(adopted) => {
+                        lease = adopted;
+                        true
+                    }
+                    None => false,
+                };
                 claim.transferred.store(moved, Ordering::Release);
                 // A claim on a row that changed since the worker read it is kept for one more
                 // look (read afresh); after that, a failed hand-over means the claim is gone.
@@ -744,6 +757,33 @@ async fn single_flight(ctx: Context, wanted: Wanted) -> ServiceResult<Flown> {
         let pause = rand::thread_rng().gen_range(20..60);
         tokio::time::sleep(StdDuration::from_millis(pause)).await;
     }
+}
+
+/// Makes the worker's claim the refresh's lease: kept as it is when it still holds the row
+/// as read for long enough (a read), else handed over to `lease` with a new end (a write).
+/// Returns the lease the refresh now holds; `None` when the claim no longer holds the row
+/// unchanged.
+async fn adopt_claim(
+    ctx: &Context,
+    integration_id: Uuid,
+    claim: &Claim,
+    check: LeaseCheck<'_>,
+    lease: &str,
+    until: DateTime<Utc>,
+) -> ServiceResult<Option<String>> {
+    let held_until = check.now + ctx.lifecycle.longest_refresh();
+    if ctx
+        .db
+        .holds_unchanged_lease(integration_id, &claim.owner, check, held_until)
+        .await?
+    {
+        return Ok(Some(claim.owner.clone()));
+    }
+    let moved = ctx
+        .db
+        .transfer_token_lease(integration_id, &claim.owner, lease, check, until)
+        .await?;
+    Ok(moved.then(|| lease.to_owned()))
 }
 
 fn still_valid_or_unavailable(
@@ -987,7 +1027,7 @@ async fn store_refreshed(
 async fn commit_refreshed(ctx: &Context, sealed: &SealedTokens) -> ServiceResult<Option<i64>> {
     let mut pause = StdDuration::from_millis(50);
     for _ in 0..4 {
-        match ctx.db.store_refreshed_tokens(sealed).await {
+        match ctx.refresh_commits.store(&ctx.db, sealed).await {
             Ok(generation) => return Ok(generation),
             Err(err) => {
                 tracing::error!(integration = %sealed.integration_id, error = %err, "storing refreshed tokens failed; retrying");
@@ -996,7 +1036,7 @@ async fn commit_refreshed(ctx: &Context, sealed: &SealedTokens) -> ServiceResult
             }
         }
     }
-    Ok(ctx.db.store_refreshed_tokens(sealed).await?)
+    Ok(ctx.refresh_commits.store(&ctx.db, sealed).await?)
 }
 
 async fn refresh_failed(

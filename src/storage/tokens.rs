@@ -319,6 +319,37 @@ impl Database {
         Ok(affected == 1)
     }
 
+    /// Whether `owner` still holds the lease of a row unchanged since `seen` (as
+    /// [`Database::lease_unchanged_tokens`] checks), until at least `held_until`. A read, not
+    /// a write: the worker's claim is kept as the refresh's lease when it has that much time
+    /// left, which saves the background refresher one write per refresh (its rate on SQLite
+    /// is bound by writes). No one can take a held lease meanwhile: other processes wait for
+    /// it to end, and this process's own refreshes of the row wait for its lock, which the
+    /// caller holds.
+    pub async fn holds_unchanged_lease(
+        &self,
+        integration_id: Uuid,
+        owner: &str,
+        seen: LeaseCheck<'_>,
+        held_until: DateTime<Utc>,
+    ) -> StorageResult<bool> {
+        let sql = concat!(
+            "SELECT 1 FROM oauth_tokens \
+             WHERE integration_id = $1 AND lease_owner = $2 AND lease_until >= $3 AND ",
+            unchanged!()
+        );
+        let held: Option<i32> = with_pool!(self, pool => sqlx::query_scalar(sql)
+            .bind(integration_id)
+            .bind(owner)
+            .bind(held_until)
+            .bind(seen.now)
+            .bind(seen.generation)
+            .bind(!seen.honour_backoff)
+            .fetch_optional(pool)
+            .await)?;
+        Ok(held.is_some())
+    }
+
     /// Gives the lease back without changing the tokens (nothing to refresh after all).
     pub async fn release_token_lease(
         &self,
@@ -337,40 +368,54 @@ impl Database {
     ///
     /// The integration's `last_refreshed_at` is set (and its last error cleared) in the same
     /// transaction: one write per refresh, which is what bounds the background refresher's
-    /// rate on SQLite's single writer.
+    /// rate on SQLite's single writer (refreshes ending together share one:
+    /// [`crate::services::refresh_commits`]).
     pub async fn store_refreshed_tokens(
         &self,
         tokens: &SealedTokens,
     ) -> StorageResult<Option<i64>> {
+        let stored = self.store_refreshed_tokens_together(&[tokens]).await?;
+        Ok(stored.into_iter().next().flatten())
+    }
+
+    /// [`Database::store_refreshed_tokens`] for several integrations in one transaction (all
+    /// or none); one generation (or `None`) per row, in order.
+    pub async fn store_refreshed_tokens_together(
+        &self,
+        rows: &[&SealedTokens],
+    ) -> StorageResult<Vec<Option<i64>>> {
         let sql = "UPDATE oauth_tokens SET key_id = $2, access_token = $3, refresh_token = $4, \
                    id_token = $5, token_type = $6, expires_at = $7, refresh_token_expires_at = $8, \
                    updated_at = $9, generation = generation + 1, lease_owner = NULL, \
                    lease_until = NULL, refresh_failures = 0, refresh_not_before = NULL \
                    WHERE integration_id = $1 RETURNING generation";
-        // `None`: the row is gone (the integration was disconnected meanwhile).
         Ok(with_writer!(self, pool => async {
             let mut tx = pool.begin().await?;
-            let generation: Option<i64> = sqlx::query_scalar(sql)
-                .bind(tokens.integration_id)
-                .bind(&tokens.key_id)
-                .bind(&tokens.access_token)
-                .bind(&tokens.refresh_token)
-                .bind(&tokens.id_token)
-                .bind(&tokens.token_type)
-                .bind(tokens.expires_at)
-                .bind(tokens.refresh_token_expires_at)
-                .bind(tokens.updated_at)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if generation.is_some() {
-                sqlx::query(super::integrations::MARK_REFRESHED_SQL)
+            let mut generations = Vec::with_capacity(rows.len());
+            for tokens in rows {
+                let generation: Option<i64> = sqlx::query_scalar(sql)
                     .bind(tokens.integration_id)
+                    .bind(&tokens.key_id)
+                    .bind(&tokens.access_token)
+                    .bind(&tokens.refresh_token)
+                    .bind(&tokens.id_token)
+                    .bind(&tokens.token_type)
+                    .bind(tokens.expires_at)
+                    .bind(tokens.refresh_token_expires_at)
                     .bind(tokens.updated_at)
-                    .execute(&mut *tx)
+                    .fetch_optional(&mut *tx)
                     .await?;
+                if generation.is_some() {
+                    sqlx::query(super::integrations::MARK_REFRESHED_SQL)
+                        .bind(tokens.integration_id)
+                        .bind(tokens.updated_at)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                generations.push(generation);
             }
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(generation)
+            Ok::<_, sqlx::Error>(generations)
         }
         .await)?)
     }

@@ -789,3 +789,82 @@ async fn this_process_s_own_worker_claim_blocks_neither_its_hand_out_nor_its_dis
         .expect("the disconnect waited for its own process's claim");
     assert_eq!(fake.count_grant("google", "refresh_token"), 1);
 }
+
+/// Claims one due integration as a worker tick does, and reads it as the tick does after the
+/// claim; `lease_for` sets how long the claim lasts.
+async fn claimed_as_a_tick(
+    app: &TestApp,
+    id: &str,
+    lease_for: Duration,
+) -> (
+    String,
+    oauth_manager::storage::integrations::Integration,
+    oauth_manager::storage::tokens::SealedTokens,
+) {
+    let ctx = &app.state.services;
+    let claim = ctx.new_lease("tick-");
+    let now = app.clock.now();
+    let window = WorkerSettings::default().window;
+    let claimed = app
+        .db
+        .claim_due_refreshes(&claim, now, now + window, now + lease_for, 10)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    let uuid = claimed[0];
+    assert_eq!(uuid.to_string(), id);
+    let integration = app.db.get_integrations(&[uuid]).await.expect("read");
+    let sealed = app.db.get_tokens(uuid).await.expect("read").expect("row");
+    let integration = integration.into_iter().next().expect("integration");
+    (claim, integration, sealed)
+}
+
+/// The worker's refresh keeps the tick's claim as its lease without writing it again, so it
+/// must still see, before calling the provider, a row changed since the tick read it: here a
+/// reconnect that gave the integration new tokens. Refreshing from the tick's read would
+/// overwrite them with tokens of the old grant.
+#[tokio::test]
+async fn the_worker_does_not_refresh_a_row_reconnected_since_its_claim() {
+    use oauth_manager::services::tokens::refresh_claimed;
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    app.clock.advance(Duration::minutes(55));
+    let (claim, integration, sealed) = claimed_as_a_tick(&app, &id, Duration::seconds(60)).await;
+    let reconnected = connected(&app, &fake, "google", "g-1").await;
+    assert_eq!(reconnected, id, "the same integration");
+    let fresh = stored_tokens(&app, &json!({"integration_id": id}), "alice")
+        .await
+        .refresh_token
+        .expect("rt");
+
+    let window = WorkerSettings::default().window;
+    let ctx = &app.state.services;
+    let refreshed = refresh_claimed(ctx, &integration, sealed, window, &claim).await;
+    assert!(!refreshed.expect("no error"), "nothing to refresh");
+    assert_eq!(fake.count_grant("google", "refresh_token"), 0);
+    let kept = stored_tokens(&app, &json!({"integration_id": id}), "alice")
+        .await
+        .refresh_token
+        .expect("rt");
+    assert_eq!(kept.expose_secret(), fresh.expose_secret());
+}
+
+/// A claim kept as the lease must outlast the refresh. One about to end (the tick took long
+/// to reach this row) is renewed first, and the refresh still happens exactly once.
+#[tokio::test]
+async fn the_worker_renews_a_claim_too_short_for_a_refresh_and_refreshes_once() {
+    use oauth_manager::services::tokens::refresh_claimed;
+    let (app, fake) = spawn_with_fake().await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    app.clock.advance(Duration::minutes(55));
+    let ctx = &app.state.services;
+    let short = ctx.lifecycle.longest_refresh() - Duration::seconds(1);
+    let (claim, integration, sealed) = claimed_as_a_tick(&app, &id, short).await;
+    let window = WorkerSettings::default().window;
+    let refreshed = refresh_claimed(ctx, &integration, sealed, window, &claim).await;
+    assert!(refreshed.expect("no error"), "refreshed");
+    assert_eq!(fake.count_grant("google", "refresh_token"), 1);
+    // The lease is gone with the refresh: the next tick finds nothing due.
+    let again = worker::tick(ctx, &WorkerSettings::default()).await;
+    assert_eq!((again.refreshed, again.not_due), (0, 0), "{again:?}");
+}

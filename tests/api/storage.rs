@@ -432,8 +432,24 @@ async fn a_refresh_lease_is_granted_only_on_the_row_as_it_was_read() {
         .expect("release");
     app.db.defer_refresh(id, now).await.expect("due again");
 
-    // The worker's claim passes to the refresh on the same conditions.
+    // The worker's claim is kept by its refresh on the same conditions, when it is held
+    // long enough...
     assert!(lease(seen).await.expect("lease"), "claimed");
+    let holds = |check, held_until| app.db.holds_unchanged_lease(id, "taker", check, held_until);
+    assert!(holds(seen, until).await.expect("read"), "held to its end");
+    let later = until + Duration::seconds(1);
+    assert!(!holds(seen, later).await.expect("read"), "not held that long");
+    assert!(!holds(stale, until).await.expect("read"), "another generation");
+    let others = app.db.holds_unchanged_lease(id, "other", seen, until).await;
+    assert!(!others.expect("read"), "held by someone else");
+    app.db
+        .defer_refresh(id, now + Duration::minutes(5))
+        .await
+        .expect("back off");
+    assert!(!holds(seen, until).await.expect("read"), "backing off");
+    assert!(holds(forced, until).await.expect("read"), "forced");
+    app.db.defer_refresh(id, now).await.expect("due again");
+    // ... and otherwise passes to a lease of the refresh's own.
     let transfer = |check| {
         app.db
             .transfer_token_lease(id, "taker", "refresh", check, until)
@@ -450,6 +466,7 @@ async fn a_refresh_lease_is_granted_only_on_the_row_as_it_was_read() {
         !transfer(seen).await.expect("transfer"),
         "the claim is no longer held"
     );
+    assert!(!holds(seen, until).await.expect("read"), "handed over");
     app.db
         .release_token_lease(id, "refresh")
         .await
@@ -478,4 +495,48 @@ async fn a_refresh_lease_is_granted_only_on_the_row_as_it_was_read() {
         .await
         .expect("disconnect");
     assert!(!lease(seen).await.expect("lease"), "disconnected");
+}
+
+/// Refreshes that end together share one transaction (`RefreshCommits`); each caller still
+/// learns what happened to its own row, whatever else was in the batch: its new generation,
+/// or `None` for an integration disconnected meanwhile. More callers than one batch holds, so
+/// some turns commit others' tokens and some callers find theirs committed already.
+#[tokio::test]
+async fn refreshed_tokens_committed_together_each_get_their_own_outcome() {
+    use oauth_manager::services::refresh_commits::RefreshCommits;
+    let app = spawn_app().await;
+    let now = app.clock.now();
+    let mut rows = Vec::new();
+    for n in 0..150_i64 {
+        let id = app.seed_integration("alice", "google").await.id;
+        // Generations 1 to 3, so an answer meant for another row shows.
+        let mut generation = 0;
+        for _ in 0..=n % 3 {
+            generation = app.db.upsert_tokens(&sealed(id, now)).await.expect("tokens");
+        }
+        rows.push((id, generation));
+    }
+    let gone = rows[77].0;
+    app.db.delete_tokens(gone).await.expect("delete");
+
+    let commits = std::sync::Arc::new(RefreshCommits::default());
+    let later = now + Duration::minutes(30);
+    let stores = rows.iter().map(|(id, _)| {
+        let (commits, db) = (commits.clone(), app.db.clone());
+        let mut refreshed = sealed(*id, later);
+        refreshed.access_token = id.as_bytes().to_vec();
+        tokio::spawn(async move { commits.store(&db, &refreshed).await })
+    });
+    let stores: Vec<_> = stores.collect();
+    for ((id, generation), store) in rows.iter().zip(stores) {
+        let outcome = store.await.expect("task").expect("stored");
+        if *id == gone {
+            assert_eq!(outcome, None, "disconnected meanwhile");
+            continue;
+        }
+        assert_eq!(outcome, Some(generation + 1), "{id}");
+        let stored = app.db.get_tokens(*id).await.expect("read").expect("row");
+        assert_eq!(stored.access_token, id.as_bytes().to_vec());
+        assert_eq!(stored.generation, generation + 1);
+    }
 }
