@@ -9,10 +9,14 @@
 //! committing queues its tokens, and whoever commits next takes everything queued into one
 //! transaction.
 //!
+//! On PostgreSQL a batch is one statement over arrays (one round trip); on SQLite, one
+//! statement per row in one transaction.
+//!
 //! What a caller is told is exactly what happened to its own row: its generation, or `None`
 //! when the row is gone. A batch that fails is rolled back whole and each of its refreshes is
 //! then committed alone, so one refresh's error is never reported to another.
 
+use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
 
 use tokio::sync::oneshot::{self, error::TryRecvError};
@@ -80,7 +84,15 @@ impl RefreshCommits {
     async fn commit_queued(&self, db: &Database) {
         let batch: Vec<Queued> = {
             let mut queued = self.queue();
-            let take = queued.len().min(MAX_BATCH);
+            // One row per integration in a batch (a single statement may update a row once):
+            // the batch ends before a second one. A refresh holds its integration's lock, so
+            // this is a safeguard, not a case that occurs.
+            let mut ids = HashSet::new();
+            let take = queued
+                .iter()
+                .take(MAX_BATCH)
+                .take_while(|queued| ids.insert(queued.tokens.integration_id))
+                .count();
             queued.drain(..take).collect()
         };
         let rows: Vec<&SealedTokens> = batch.iter().map(|queued| &queued.tokens).collect();

@@ -704,15 +704,14 @@ async fn single_flight(ctx: Context, wanted: Wanted) -> ServiceResult<Flown> {
         };
         let taken = match &claimed {
             Some(claim) => {
-                let moved = match adopt_claim(ctx, integration.id, claim, check, &lease, until)
-                    .await?
-                {
-                    Some(adopted) => {
-                        lease = adopted;
-                        true
-                    }
-                    None => false,
-                };
+                let moved =
+                    match adopt_claim(ctx, integration.id, claim, check, &lease, until).await? {
+                        Some(adopted) => {
+                            lease = adopted;
+                            true
+                        }
+                        None => false,
+                    };
                 claim.transferred.store(moved, Ordering::Release);
                 // A claim on a row that changed since the worker read it is kept for one more
                 // look (read afresh); after that, a failed hand-over means the claim is gone.

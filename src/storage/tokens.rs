@@ -2,6 +2,8 @@
 //!
 //! Values arrive here already sealed (see `services::vault`); this module never sees plaintext.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -379,45 +381,18 @@ impl Database {
     }
 
     /// [`Database::store_refreshed_tokens`] for several integrations in one transaction (all
-    /// or none); one generation (or `None`) per row, in order.
+    /// or none); one generation (or `None`) per row, in order. The integrations must differ.
     pub async fn store_refreshed_tokens_together(
         &self,
         rows: &[&SealedTokens],
     ) -> StorageResult<Vec<Option<i64>>> {
-        let sql = "UPDATE oauth_tokens SET key_id = $2, access_token = $3, refresh_token = $4, \
-                   id_token = $5, token_type = $6, expires_at = $7, refresh_token_expires_at = $8, \
-                   updated_at = $9, generation = generation + 1, lease_owner = NULL, \
-                   lease_until = NULL, refresh_failures = 0, refresh_not_before = NULL \
-                   WHERE integration_id = $1 RETURNING generation";
-        Ok(with_writer!(self, pool => async {
-            let mut tx = pool.begin().await?;
-            let mut generations = Vec::with_capacity(rows.len());
-            for tokens in rows {
-                let generation: Option<i64> = sqlx::query_scalar(sql)
-                    .bind(tokens.integration_id)
-                    .bind(&tokens.key_id)
-                    .bind(&tokens.access_token)
-                    .bind(&tokens.refresh_token)
-                    .bind(&tokens.id_token)
-                    .bind(&tokens.token_type)
-                    .bind(tokens.expires_at)
-                    .bind(tokens.refresh_token_expires_at)
-                    .bind(tokens.updated_at)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if generation.is_some() {
-                    sqlx::query(super::integrations::MARK_REFRESHED_SQL)
-                        .bind(tokens.integration_id)
-                        .bind(tokens.updated_at)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                generations.push(generation);
+        match self {
+            Database::Postgres(pool) => store_refreshed_on_postgres(pool, rows).await,
+            Database::Sqlite(pool, gate) => {
+                let _turn = gate.enter().await;
+                Ok(store_refreshed_on_sqlite(pool, rows).await?)
             }
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(generations)
         }
-        .await)?)
     }
 
     /// No refresh attempt before `not_before` (not due yet, or backing off), without counting
@@ -555,6 +530,89 @@ impl Database {
         with_writer!(self, pool => sqlx::query(sql).bind(integration_id).execute(pool).await.map(|_| ()))?;
         Ok(())
     }
+}
+
+/// Refreshed tokens of many integrations in one statement: the rows as arrays, `unnest`ed.
+/// One round trip, and one statement text for every batch size (so one prepared statement).
+const PG_STORE_REFRESHED_SQL: &str = "WITH v AS (SELECT * FROM unnest($1::uuid[], $2::text[], \
+    $3::bytea[], $4::bytea[], $5::bytea[], $6::text[], $7::timestamptz[], $8::timestamptz[], \
+    $9::timestamptz[]) AS v(integration_id, key_id, access_token, refresh_token, id_token, \
+    token_type, expires_at, refresh_token_expires_at, updated_at)), \
+    t AS (UPDATE oauth_tokens o SET key_id = v.key_id, access_token = v.access_token, \
+    refresh_token = v.refresh_token, id_token = v.id_token, token_type = v.token_type, \
+    expires_at = v.expires_at, refresh_token_expires_at = v.refresh_token_expires_at, \
+    updated_at = v.updated_at, generation = o.generation + 1, lease_owner = NULL, \
+    lease_until = NULL, refresh_failures = 0, refresh_not_before = NULL \
+    FROM v WHERE o.integration_id = v.integration_id \
+    RETURNING o.integration_id, o.generation, v.updated_at), \
+    i AS (UPDATE oauth_integrations SET last_refreshed_at = t.updated_at, \
+    updated_at = t.updated_at, last_error = NULL, last_error_at = NULL \
+    FROM t WHERE oauth_integrations.id = t.integration_id) \
+    SELECT integration_id, generation FROM t";
+
+async fn store_refreshed_on_postgres(
+    pool: &sqlx::PgPool,
+    rows: &[&SealedTokens],
+) -> StorageResult<Vec<Option<i64>>> {
+    fn column<'r, T>(rows: &[&'r SealedTokens], pick: fn(&'r SealedTokens) -> T) -> Vec<T> {
+        rows.iter().map(|row| pick(row)).collect()
+    }
+    let stored: Vec<(Uuid, i64)> = sqlx::query_as(PG_STORE_REFRESHED_SQL)
+        .bind(column(rows, |row| row.integration_id))
+        .bind(column(rows, |row| row.key_id.as_str()))
+        .bind(column(rows, |row| row.access_token.as_slice()))
+        .bind(column(rows, |row| row.refresh_token.as_deref()))
+        .bind(column(rows, |row| row.id_token.as_deref()))
+        .bind(column(rows, |row| row.token_type.as_str()))
+        .bind(column(rows, |row| row.expires_at))
+        .bind(column(rows, |row| row.refresh_token_expires_at))
+        .bind(column(rows, |row| row.updated_at))
+        .fetch_all(pool)
+        .await?;
+    let stored: HashMap<Uuid, i64> = stored.into_iter().collect();
+    Ok(rows
+        .iter()
+        .map(|row| stored.get(&row.integration_id).copied())
+        .collect())
+}
+
+/// SQLite has no arrays: one statement per row, in one transaction (the caller holds the
+/// write gate). In process, a statement costs no network round trip.
+async fn store_refreshed_on_sqlite(
+    pool: &sqlx::SqlitePool,
+    rows: &[&SealedTokens],
+) -> Result<Vec<Option<i64>>, sqlx::Error> {
+    let sql = "UPDATE oauth_tokens SET key_id = $2, access_token = $3, refresh_token = $4, \
+               id_token = $5, token_type = $6, expires_at = $7, refresh_token_expires_at = $8, \
+               updated_at = $9, generation = generation + 1, lease_owner = NULL, \
+               lease_until = NULL, refresh_failures = 0, refresh_not_before = NULL \
+               WHERE integration_id = $1 RETURNING generation";
+    let mut tx = pool.begin().await?;
+    let mut generations = Vec::with_capacity(rows.len());
+    for tokens in rows {
+        let generation: Option<i64> = sqlx::query_scalar(sql)
+            .bind(tokens.integration_id)
+            .bind(&tokens.key_id)
+            .bind(&tokens.access_token)
+            .bind(&tokens.refresh_token)
+            .bind(&tokens.id_token)
+            .bind(&tokens.token_type)
+            .bind(tokens.expires_at)
+            .bind(tokens.refresh_token_expires_at)
+            .bind(tokens.updated_at)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if generation.is_some() {
+            sqlx::query(super::integrations::MARK_REFRESHED_SQL)
+                .bind(tokens.integration_id)
+                .bind(tokens.updated_at)
+                .execute(&mut *tx)
+                .await?;
+        }
+        generations.push(generation);
+    }
+    tx.commit().await?;
+    Ok(generations)
 }
 
 #[cfg(test)]

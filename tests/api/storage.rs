@@ -438,8 +438,14 @@ async fn a_refresh_lease_is_granted_only_on_the_row_as_it_was_read() {
     let holds = |check, held_until| app.db.holds_unchanged_lease(id, "taker", check, held_until);
     assert!(holds(seen, until).await.expect("read"), "held to its end");
     let later = until + Duration::seconds(1);
-    assert!(!holds(seen, later).await.expect("read"), "not held that long");
-    assert!(!holds(stale, until).await.expect("read"), "another generation");
+    assert!(
+        !holds(seen, later).await.expect("read"),
+        "not held that long"
+    );
+    assert!(
+        !holds(stale, until).await.expect("read"),
+        "another generation"
+    );
     let others = app.db.holds_unchanged_lease(id, "other", seen, until).await;
     assert!(!others.expect("read"), "held by someone else");
     app.db
@@ -512,7 +518,11 @@ async fn refreshed_tokens_committed_together_each_get_their_own_outcome() {
         // Generations 1 to 3, so an answer meant for another row shows.
         let mut generation = 0;
         for _ in 0..=n % 3 {
-            generation = app.db.upsert_tokens(&sealed(id, now)).await.expect("tokens");
+            generation = app
+                .db
+                .upsert_tokens(&sealed(id, now))
+                .await
+                .expect("tokens");
         }
         rows.push((id, generation));
     }
