@@ -550,3 +550,76 @@ async fn refreshed_tokens_committed_together_each_get_their_own_outcome() {
         assert_eq!(stored.generation, generation + 1);
     }
 }
+
+/// Makes the database refuse any update of a token row to `key_id = 'refused'` (a stand-in
+/// for a row the database rejects; tests only).
+async fn refuse_key_id_refused(db: &oauth_manager::storage::Database) {
+    use oauth_manager::storage::Database;
+    let statements: &[&str] = match db {
+        Database::Postgres(_) => &[
+            "CREATE FUNCTION refuse_key() RETURNS trigger AS $$ BEGIN \
+             IF NEW.key_id = 'refused' THEN RAISE EXCEPTION 'refused by the test'; END IF; \
+             RETURN NEW; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER refuse_key BEFORE UPDATE ON oauth_tokens \
+             FOR EACH ROW EXECUTE FUNCTION refuse_key()",
+        ],
+        Database::Sqlite(..) => &["CREATE TRIGGER refuse_key BEFORE UPDATE ON oauth_tokens \
+             WHEN NEW.key_id = 'refused' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"],
+    };
+    for sql in statements {
+        match db {
+            Database::Postgres(pool) => sqlx::query(sql).execute(pool).await.map(|_| ()),
+            Database::Sqlite(pool, _) => sqlx::query(sql).execute(pool).await.map(|_| ()),
+        }
+        .expect("trigger");
+    }
+}
+
+/// A shared commit that fails is retried row by row: the one row the database refuses gets
+/// its error, and every refresh that was in a batch with it is still stored and told so.
+#[tokio::test]
+async fn one_refused_row_fails_only_its_own_refresh_among_those_committed_together() {
+    use oauth_manager::services::refresh_commits::RefreshCommits;
+    let app = spawn_app().await;
+    let now = app.clock.now();
+    refuse_key_id_refused(&app.db).await;
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        let id = app.seed_integration("alice", "google").await.id;
+        app.db
+            .upsert_tokens(&sealed(id, now))
+            .await
+            .expect("tokens");
+        ids.push(id);
+    }
+    let refused = ids[17];
+    let commits = std::sync::Arc::new(RefreshCommits::default());
+    let stores: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (commits, db) = (commits.clone(), app.db.clone());
+            let mut refreshed = sealed(*id, now + Duration::minutes(30));
+            if *id == refused {
+                refreshed.key_id = "refused".into();
+            }
+            tokio::spawn(async move { commits.store(&db, &refreshed).await })
+        })
+        .collect();
+    for (id, store) in ids.iter().zip(stores) {
+        let outcome = store.await.expect("task");
+        if *id == refused {
+            assert!(outcome.is_err(), "the refused row fails: {outcome:?}");
+            continue;
+        }
+        assert_eq!(outcome.expect("stored"), Some(2), "{id}");
+        let stored = app.db.get_tokens(*id).await.expect("read").expect("row");
+        assert_eq!(stored.generation, 2);
+    }
+    let kept = app
+        .db
+        .get_tokens(refused)
+        .await
+        .expect("read")
+        .expect("row");
+    assert_eq!((kept.generation, kept.key_id.as_str()), (1, "k1-test"));
+}
