@@ -57,11 +57,12 @@ pub(crate) const UPSERT_SQL: &str = "INSERT INTO oauth_tokens (integration_id, k
     revoke_requested_at = NULL, revoke_attempts = 0, revoke_not_before = NULL, \
     revoke_last_error = NULL RETURNING generation";
 
-/// The upsert of a token row, bound and ready for any executor (pool or transaction).
-macro_rules! upsert_tokens_query {
-    ($tokens:expr) => {{
+/// A query with a token row's values bound as `$1` to `$9`, in the order [`UPSERT_SQL`] and
+/// the refresh's `UPDATE` both take them.
+macro_rules! bind_token_row {
+    ($query:expr, $tokens:expr) => {{
         let tokens: &$crate::storage::tokens::SealedTokens = $tokens;
-        sqlx::query_scalar::<_, i64>($crate::storage::tokens::UPSERT_SQL)
+        $query
             .bind(tokens.integration_id)
             .bind(&tokens.key_id)
             .bind(&tokens.access_token)
@@ -72,6 +73,17 @@ macro_rules! upsert_tokens_query {
             .bind(tokens.refresh_token_expires_at)
             .bind(tokens.updated_at)
     }};
+}
+pub(crate) use bind_token_row;
+
+/// The upsert of a token row, bound and ready for any executor (pool or transaction).
+macro_rules! upsert_tokens_query {
+    ($tokens:expr) => {
+        $crate::storage::tokens::bind_token_row!(
+            sqlx::query_scalar::<_, i64>($crate::storage::tokens::UPSERT_SQL),
+            $tokens
+        )
+    };
 }
 pub(crate) use upsert_tokens_query;
 
@@ -590,16 +602,7 @@ async fn store_refreshed_on_sqlite(
     let mut tx = pool.begin().await?;
     let mut generations = Vec::with_capacity(rows.len());
     for tokens in rows {
-        let generation: Option<i64> = sqlx::query_scalar(sql)
-            .bind(tokens.integration_id)
-            .bind(&tokens.key_id)
-            .bind(&tokens.access_token)
-            .bind(&tokens.refresh_token)
-            .bind(&tokens.id_token)
-            .bind(&tokens.token_type)
-            .bind(tokens.expires_at)
-            .bind(tokens.refresh_token_expires_at)
-            .bind(tokens.updated_at)
+        let generation: Option<i64> = bind_token_row!(sqlx::query_scalar(sql), tokens)
             .fetch_optional(&mut *tx)
             .await?;
         if generation.is_some() {
