@@ -584,7 +584,8 @@ pub async fn refresh_claimed(
     result.map(|flown| flown.refreshed)
 }
 
-/// A worker's claim on a token row, handed over to the refresh that takes the lease.
+/// A worker's claim on a token row, which its refresh keeps as the lease or hands over to a
+/// lease of its own ([`adopt_claim`]).
 struct Claim {
     owner: String,
     /// Set once the refresh holds the lease: the claim itself, or a lease it was handed to.
