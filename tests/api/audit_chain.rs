@@ -15,37 +15,11 @@ use oauth_manager::services::Context;
 use oauth_manager::storage::audit::{
     AuditEvent, AuditFilter, ChainLink, NewAuditEvent, Outcome, ZERO_HASH,
 };
-use oauth_manager::storage::{Database, Page, Paged};
+use oauth_manager::storage::{Page, Paged};
 
-use crate::support::{spawn_app, spawn_app_with, TestApp};
+use crate::support::{raw, raw_scalar, spawn_app, spawn_app_with, TestApp};
 
 const BIN: &str = env!("CARGO_BIN_EXE_oauth-manager");
-
-/// Runs one statement with positional binds on whichever backend the app uses.
-macro_rules! raw {
-    ($db:expr, $sql:expr $(, $bind:expr)* $(,)?) => {
-        match $db {
-            Database::Postgres(pool) => sqlx::query($sql)$(.bind($bind))*.execute(pool).await
-                .map(|done| done.rows_affected()),
-            Database::Sqlite(pool, _) => sqlx::query($sql)$(.bind($bind))*.execute(pool).await
-                .map(|done| done.rows_affected()),
-        }
-        .expect("raw SQL")
-    };
-}
-
-/// One scalar from a query with positional binds.
-macro_rules! raw_scalar {
-    ($ty:ty, $db:expr, $sql:expr $(, $bind:expr)* $(,)?) => {
-        match $db {
-            Database::Postgres(pool) => sqlx::query_scalar::<_, $ty>($sql)$(.bind($bind))*
-                .fetch_one(pool).await,
-            Database::Sqlite(pool, _) => sqlx::query_scalar::<_, $ty>($sql)$(.bind($bind))*
-                .fetch_one(pool).await,
-        }
-        .expect("raw SQL")
-    };
-}
 
 fn ids(page: &Paged<AuditEvent, i64>) -> Vec<i64> {
     page.items.iter().map(|event| event.id).collect()

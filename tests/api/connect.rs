@@ -476,21 +476,7 @@ async fn tamper_pkce_verifier(app: &TestApp) {
             .seal(&wrong, pkce_verifier_aad(&row, &user))
             .expect("seal");
         let sql = "UPDATE oauth_state SET pkce_verifier = $1 WHERE id = $2";
-        match &app.db {
-            Database::Postgres(pool) => sqlx::query(sql)
-                .bind(sealed)
-                .bind(id)
-                .execute(pool)
-                .await
-                .map(|_| ()),
-            Database::Sqlite(pool, _) => sqlx::query(sql)
-                .bind(sealed)
-                .bind(id)
-                .execute(pool)
-                .await
-                .map(|_| ()),
-        }
-        .expect("tamper");
+        crate::support::raw!(&app.db, sql, sealed, id);
     }
 }
 

@@ -48,21 +48,7 @@ async fn copy_column(db: &Database, column_from: &str, from: Uuid, column_to: &s
     let sql = format!(
         "UPDATE oauth_tokens SET {column_to} = (SELECT {column_from} FROM oauth_tokens WHERE integration_id = $1) WHERE integration_id = $2"
     );
-    match db {
-        Database::Postgres(pool) => sqlx::query(&sql)
-            .bind(from)
-            .bind(to)
-            .execute(pool)
-            .await
-            .map(|_| ()),
-        Database::Sqlite(pool, _) => sqlx::query(&sql)
-            .bind(from)
-            .bind(to)
-            .execute(pool)
-            .await
-            .map(|_| ()),
-    }
-    .expect("copy");
+    crate::support::raw!(db, &sql, from, to);
 }
 
 #[tokio::test]

@@ -567,11 +567,7 @@ async fn refuse_key_id_refused(db: &oauth_manager::storage::Database) {
              WHEN NEW.key_id = 'refused' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"],
     };
     for sql in statements {
-        match db {
-            Database::Postgres(pool) => sqlx::query(sql).execute(pool).await.map(|_| ()),
-            Database::Sqlite(pool, _) => sqlx::query(sql).execute(pool).await.map(|_| ()),
-        }
-        .expect("trigger");
+        crate::support::raw!(db, sql);
     }
 }
 

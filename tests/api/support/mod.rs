@@ -303,6 +303,33 @@ pub fn providers_file(toml: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// Runs one statement with positional binds on whichever backend the app uses (tests only).
+macro_rules! raw {
+    ($db:expr, $sql:expr $(, $bind:expr)* $(,)?) => {
+        match $db {
+            oauth_manager::storage::Database::Postgres(pool) => sqlx::query($sql)
+                $(.bind($bind))*.execute(pool).await.map(|done| done.rows_affected()),
+            oauth_manager::storage::Database::Sqlite(pool, _) => sqlx::query($sql)
+                $(.bind($bind))*.execute(pool).await.map(|done| done.rows_affected()),
+        }
+        .expect("raw SQL")
+    };
+}
+
+/// One scalar from a query with positional binds.
+macro_rules! raw_scalar {
+    ($ty:ty, $db:expr, $sql:expr $(, $bind:expr)* $(,)?) => {
+        match $db {
+            oauth_manager::storage::Database::Postgres(pool) => sqlx::query_scalar::<_, $ty>($sql)
+                $(.bind($bind))*.fetch_one(pool).await,
+            oauth_manager::storage::Database::Sqlite(pool, _) => sqlx::query_scalar::<_, $ty>($sql)
+                $(.bind($bind))*.fetch_one(pool).await,
+        }
+        .expect("raw SQL")
+    };
+}
+pub(crate) use {raw, raw_scalar};
+
 /// Counts rows of a table (tests only; the name is a constant of the test).
 pub async fn count_rows(db: &Database, table: &str) -> i64 {
     let sql = format!("SELECT COUNT(*) FROM {table}");
