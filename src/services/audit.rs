@@ -269,6 +269,16 @@ pub async fn record(ctx: &Context, event: &NewAuditEvent) {
     }
 }
 
+/// Queues `event` without waiting for its commit, for an event about state that a crash may
+/// lose as well (a pending sign-in, committed without waiting for the flush on PostgreSQL): its
+/// record would say something happened that left nothing behind. Written in order with the
+/// rest; a failure is logged by the writer.
+pub async fn record_queued(ctx: &Context, event: NewAuditEvent) {
+    if let Err(err) = ctx.audit.writer.queue(|| writer_deps(ctx), event).await {
+        tracing::error!(error = %err, "audit event could not be queued");
+    }
+}
+
 /// Queues a token hand-out record without waiting for its commit: the one event on the hot
 /// path, coalesced with hand-outs alike (see [`super::audit_writer`] for what a crash can lose).
 pub async fn record_hand_out(ctx: &Context, event: NewAuditEvent) {

@@ -5,10 +5,12 @@
 //! chain's head read once). A token hand-out then costs no database write of its own, and
 //! under load hundreds of events share one commit.
 //!
-//! Two ways in: [`AuditWriter::append`] waits until the event is committed (every event that
-//! changes something: connect, refresh, disconnect, consent, denials …), and
-//! [`AuditWriter::count_hand_out`] waits for nothing (`token_handed_out`, the one event per read
-//! on the hot path). Hand-outs alike are coalesced for `OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS` into
+//! Three ways in: [`AuditWriter::append`] waits until the event is committed (every event that
+//! changes something: connect, refresh, disconnect, consent, denials …),
+//! [`AuditWriter::queue`] waits only for room in the queue (an event about state that a crash
+//! may lose too: `authorize_started`, whose pending sign-in PostgreSQL commits without waiting
+//! for the flush), and [`AuditWriter::count_hand_out`] waits for nothing (`token_handed_out`,
+//! the one event per read on the hot path). Hand-outs alike are coalesced for `OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS` into
 //! one row that counts them ([`super::audit_tally`]), counted by the caller under a short lock
 //! in a tally the task shares: no message and no wake-up of the task per hand-out (that was
 //! about 5 % of a hand-out's CPU, BENCHMARKS.md). The queue and the open counts are bounded, so a
@@ -49,6 +51,8 @@ type Ack = oneshot::Sender<Result<i64, String>>;
 
 enum Message {
     Append(Box<NewAuditEvent>, Ack),
+    /// An event nobody waits for, written in order with the others.
+    Queued(Box<NewAuditEvent>),
     /// A hand-out: a row of its own with a window of zero, else one that found too many
     /// counts open (counted by the task).
     Count(Box<NewAuditEvent>),
@@ -155,6 +159,16 @@ impl AuditWriter {
         done.await
             .map_err(|_| stopped())?
             .map_err(|err| ServiceError::Internal(format!("audit write failed: {err}")))
+    }
+
+    /// Queues `event` to be written in order with every other event, without waiting for its
+    /// commit (only for room in the queue). A failed write is logged by the task.
+    pub async fn queue(
+        &self,
+        deps: impl FnOnce() -> WriterDeps,
+        event: NewAuditEvent,
+    ) -> ServiceResult<()> {
+        self.send(deps, Message::Queued(Box::new(event))).await
     }
 
     /// Records the hand-out `event` without waiting for its commit: it is counted with
@@ -291,12 +305,13 @@ impl Batch {
                     fresh.push(*event);
                     acks.push(Some(ack));
                 }
-                Message::Count(event) if window_is_zero => {
+                Message::Count(event) if !window_is_zero => {
+                    tally.add(*event, now);
+                }
+                // Written as rows of their own, in order; nobody waits for them.
+                Message::Queued(event) | Message::Count(event) => {
                     fresh.push(*event);
                     acks.push(None);
-                }
-                Message::Count(event) => {
-                    tally.add(*event, now);
                 }
                 Message::Flush(ack) => flushes.push(ack),
             }
@@ -338,7 +353,7 @@ impl Message {
     fn is_awaited(&self) -> bool {
         match self {
             Message::Append(..) => true,
-            Message::Count(_) => false,
+            Message::Queued(_) | Message::Count(_) => false,
             Message::Flush(_) => true,
         }
     }

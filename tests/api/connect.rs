@@ -897,3 +897,38 @@ async fn the_audit_log_records_the_flow_without_secrets() {
         );
     }
 }
+
+/// A sign-in's start is audited without waiting for the audit commit (the pending row it
+/// records is itself committed without waiting for the flush on PostgreSQL), yet recorded, in
+/// order, once the log is read. On PostgreSQL the audit table is locked meanwhile, so an
+/// authorize that waited for its record could not answer until the lock was let go.
+#[tokio::test]
+async fn authorize_answers_without_waiting_for_its_audit_commit() {
+    let (app, fake) = spawn_with_fake().await;
+    let lock = match &app.db {
+        oauth_manager::storage::Database::Postgres(pool) => {
+            let mut lock = pool.begin().await.expect("begin");
+            sqlx::query("LOCK TABLE oauth_audit_log IN EXCLUSIVE MODE")
+                .execute(&mut *lock)
+                .await
+                .expect("lock the audit log");
+            Some(lock)
+        }
+        oauth_manager::storage::Database::Sqlite(..) => None,
+    };
+    fake.push_consent("google", Consent::user("g-1"));
+    let answered = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        authorization_url(&app, "alice", "google", json!({})),
+    )
+    .await;
+    if let Some(lock) = lock {
+        lock.rollback().await.expect("let the audit log go");
+    }
+    let url = answered.expect("authorize answered while its audit record could not be written");
+    let location = fake.authorize(&url).await;
+    assert_eq!(callback(&app, &location).await.0, 200);
+    let events = crate::support::audit_events(&app, Some("alice")).await;
+    let actions: Vec<&str> = events.items.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["authorize_started", "callback"]);
+}
