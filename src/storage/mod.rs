@@ -32,6 +32,13 @@ static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations
 
 /// How long a request waits for a pooled connection before failing (fast 503, not a hang).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A pooled connection idle for less than this is handed out without a ping first. sqlx pings
+/// every connection when it comes back to the pool, and by default once more when it is taken
+/// out: two round trips (on SQLite two hops to the connection's thread) around every query,
+/// one of them on the caller's path (BENCHMARKS.md, session 8). A connection idle for longer
+/// is pinged before use, so one the server closed meanwhile (restart, idle timeout, failover)
+/// is replaced instead of failing a request. HikariCP's default bypass window is 500 ms.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +174,21 @@ impl PoolSettings {
 
 const SQLITE_DEFAULT_CONNECTIONS: u32 = 4;
 
+/// The pools' check before handing out an idle connection: a ping only after
+/// [`PING_IF_IDLE_FOR`] of idleness. `Ok(false)` or an error makes sqlx close the connection
+/// and try another (or open a new one).
+fn ping_if_idle<C: sqlx::Connection>(
+    connection: &mut C,
+    meta: sqlx::pool::PoolConnectionMetadata,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, sqlx::Error>> + Send + '_>> {
+    Box::pin(async move {
+        if meta.idle_for >= PING_IF_IDLE_FOR {
+            connection.ping().await?;
+        }
+        Ok(true)
+    })
+}
+
 impl Database {
     pub async fn connect(url: &str, settings: PoolSettings) -> StorageResult<Self> {
         if is_postgres_url(url) {
@@ -174,6 +196,8 @@ impl Database {
             let pool = PgPoolOptions::new()
                 .max_connections(settings.max_connections)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
+                .test_before_acquire(false)
+                .before_acquire(|connection, meta| ping_if_idle(connection, meta))
                 .connect_with(options)
                 .await?;
             Ok(Self::Postgres(pool))
@@ -193,6 +217,8 @@ impl Database {
             let pool = SqlitePoolOptions::new()
                 .max_connections(settings.max_connections)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
+                .test_before_acquire(false)
+                .before_acquire(|connection, meta| ping_if_idle(connection, meta))
                 .connect_with(options)
                 .await?;
             tokio::spawn(checkpoint_in_background(pool.clone()));

@@ -868,6 +868,51 @@ async fn a_query_whose_session_the_server_terminates_answers_503() {
     );
 }
 
+/// Pooled connections are handed out without a ping when they were in use moments ago
+/// (`storage::PING_IF_IDLE_FOR`, 1 s); one idle for longer is pinged first. So connections the
+/// server closed while the pool held them idle (a restart, an idle timeout, a failover) are
+/// replaced: the next request succeeds instead of failing on a dead connection.
+#[tokio::test]
+async fn connections_the_server_closed_while_idle_are_replaced_not_used() {
+    if postgres_server_url().is_none() {
+        eprintln!(
+            "SKIPPED connections_the_server_closed_while_idle_are_replaced_not_used: \
+             PostgreSQL pass only"
+        );
+        return;
+    }
+    let cluster = match PgCluster::start().await {
+        Ok(cluster) => cluster,
+        Err(why) => {
+            eprintln!(
+                "\n********\nSKIPPED: cannot start a private PostgreSQL cluster: {why}\n********\n"
+            );
+            return;
+        }
+    };
+    let (app, _fake) = spawn_with_fake_on(TestDatabase::at(&cluster.url), &[]).await;
+    let list = || app.get_as("/api/v1/oauth/integrations", "alice", &["user"]);
+    assert_eq!(list().await.status(), 200);
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.url)
+        .await
+        .expect("connect");
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE pid <> pg_backend_pid() AND datname = 'oauth') AS gone",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .expect("terminate");
+    assert!(terminated > 0, "the pool held no connection to close");
+    // Past the window in which a connection is handed out unchecked.
+    tokio::time::sleep(StdDuration::from_millis(1200)).await;
+    for round in 0..3 {
+        let response = list().await;
+        let status = response.status();
+        assert_eq!(status, 200, "round {round}: {:?}", response.text().await);
+    }
+}
+
 #[tokio::test]
 async fn a_locked_sqlite_database_answers_503_after_the_busy_timeout() {
     let (app, _fake) = spawn_with_fake_and(&[]).await;
