@@ -216,12 +216,8 @@ impl Application {
                 let _ = worker_stopped.await;
             }))
         });
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await?;
+        let idle_timeout = self.state.config.http_idle_timeout;
+        http::server::serve(listener, router, idle_timeout, shutdown).await;
         let _ = stop_worker.send(());
         if let Some(background) = background {
             let _ = background.await;

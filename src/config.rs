@@ -201,6 +201,12 @@ pub struct Config {
     /// progress holds its buffers and, in a callback, a provider connection); `/healthz` and
     /// `/readyz` are not counted.
     pub max_concurrent_requests: usize,
+    /// `OAUTH_HTTP_IDLE_TIMEOUT_SECONDS` (default 75): how long a client connection may go
+    /// without a complete request head, i.e. the keep-alive idle timeout and the bound on a
+    /// client that sends its headers slowly. Above the 60 s upstream keep-alive of Nginx and of
+    /// common load balancers, so that the proxy, not this service, closes an idle connection
+    /// first (a proxy reusing a connection this side just closed fails that request).
+    pub http_idle_timeout: std::time::Duration,
 }
 
 /// Environment prefixes whose `_CLIENT_ID` / `_CLIENT_SECRET` are read at start-up.
@@ -251,6 +257,9 @@ impl Config {
                 1..=100_000,
             )?)
             .unwrap_or(256),
+            http_idle_timeout: std::time::Duration::from_secs(
+                parse_number(env, "OAUTH_HTTP_IDLE_TIMEOUT_SECONDS", 75, 1..=3600)?.unsigned_abs(),
+            ),
             allowed_return_urls: parse_return_urls(env)?,
             redis_url: parse_redis_url(env)?,
             log_format: parse_log_format(env)?,
@@ -814,6 +823,7 @@ mod tests {
         let sqlite = load(&[]).expect("defaults");
         assert_eq!(sqlite.database_pool.max_connections, 4);
         assert_eq!(sqlite.max_concurrent_requests, 256);
+        assert_eq!(sqlite.http_idle_timeout, std::time::Duration::from_secs(75));
         assert_eq!(
             sqlite.audit_hand_out_window,
             std::time::Duration::from_secs(1)
@@ -824,8 +834,10 @@ mod tests {
             ("OAUTH_DATABASE_MAX_CONNECTIONS", "32"),
             ("OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS", "0"),
             ("OAUTH_MAX_CONCURRENT_REQUESTS", "1000"),
+            ("OAUTH_HTTP_IDLE_TIMEOUT_SECONDS", "5"),
         ])
         .expect("tuned");
+        assert_eq!(tuned.http_idle_timeout, std::time::Duration::from_secs(5));
         assert_eq!(tuned.database_pool.max_connections, 32);
         assert!(tuned.audit_hand_out_window.is_zero());
         assert_eq!(tuned.max_concurrent_requests, 1000);
@@ -833,6 +845,7 @@ mod tests {
             ("OAUTH_DATABASE_MAX_CONNECTIONS", "0"),
             ("OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS", "61"),
             ("OAUTH_MAX_CONCURRENT_REQUESTS", "0"),
+            ("OAUTH_HTTP_IDLE_TIMEOUT_SECONDS", "0"),
         ] {
             assert_eq!(invalid_var(load(&[(var, value)])), var);
         }

@@ -6,6 +6,7 @@ pub mod extract;
 pub mod limits;
 pub mod metrics;
 pub mod routes;
+pub mod server;
 
 use std::any::Any;
 use std::sync::Arc;

@@ -243,3 +243,69 @@ async fn oversized_request_headers_get_431_not_an_error_or_a_hang() {
         .expect("answer");
     assert_eq!(response.status(), 200);
 }
+
+/// Reads from `stream` until the service closes it; returns what it sent and how long that
+/// took. Gives up (test failure) after `limit`.
+async fn read_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    limit: Duration,
+) -> (Vec<u8>, Duration) {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(
+            tokio::time::Instant::from_std(started + limit),
+            stream.read(&mut chunk),
+        )
+        .await
+        {
+            Ok(Ok(0) | Err(_)) => return (received, started.elapsed()),
+            Ok(Ok(read)) => received.extend_from_slice(&chunk[..read]),
+            Err(_) => panic!("the connection was still open after {limit:?}"),
+        }
+    }
+}
+
+/// `OAUTH_HTTP_IDLE_TIMEOUT_SECONDS`: a keep-alive connection with no next request, and a
+/// client that never finishes its request head (slowloris), are closed after the timeout
+/// instead of holding the connection's buffers for ever.
+#[tokio::test]
+async fn idle_and_trickling_connections_are_closed_after_the_idle_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(&[("OAUTH_HTTP_IDLE_TIMEOUT_SECONDS", "1")]).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+
+    let mut idle = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    idle.write_all(request.as_bytes()).await.expect("send");
+    let (answered, took) = read_until_closed(&mut idle, Duration::from_secs(10)).await;
+    let answered = String::from_utf8_lossy(&answered);
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed too early: {took:?}"
+    );
+
+    let mut trickling = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let partial = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n");
+    trickling.write_all(partial.as_bytes()).await.expect("send");
+    let (answered, took) = read_until_closed(&mut trickling, Duration::from_secs(10)).await;
+    assert!(
+        !String::from_utf8_lossy(&answered).contains(" 200 "),
+        "an unfinished request was answered"
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed too early: {took:?}"
+    );
+
+    // The service goes on serving new connections.
+    let response = app.http.get(app.url("/healthz")).send().await.expect("get");
+    assert_eq!(response.status(), 200);
+}
