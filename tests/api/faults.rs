@@ -581,6 +581,27 @@ const ACQUIRE_TIMEOUT: StdDuration = StdDuration::from_secs(5);
 /// /readyz answers within 2 s (+ scheduling slack).
 const READY_TIMEOUT: StdDuration = StdDuration::from_millis(2500);
 
+/// A PostgreSQL cluster of the test's own, for tests that stop or terminate their server: in
+/// the PostgreSQL pass only (which has the server binaries). `None`, said on stderr, skips the
+/// test.
+async fn private_cluster(test: &str) -> Option<PgCluster> {
+    if postgres_server_url().is_none() {
+        eprintln!(
+            "SKIPPED {test}: it runs in the PostgreSQL pass (TEST_DATABASE_URL=postgres://…)"
+        );
+        return None;
+    }
+    match PgCluster::start().await {
+        Ok(cluster) => Some(cluster),
+        Err(why) => {
+            eprintln!(
+                "\n********\nSKIPPED {test}: cannot start a private PostgreSQL cluster: {why}\n********\n"
+            );
+            None
+        }
+    }
+}
+
 /// One request of the load.
 #[derive(Debug, Clone)]
 struct Sample {
@@ -597,22 +618,10 @@ struct Sample {
 async fn a_database_restart_under_load_fails_fast_and_recovers_by_itself() {
     // A PostgreSQL behaviour, tested in the PostgreSQL pass only (which also has the server
     // binaries); the cluster is the test's own, never TEST_DATABASE_URL's server.
-    if postgres_server_url().is_none() {
-        eprintln!(
-            "SKIPPED a_database_restart_under_load_fails_fast_and_recovers_by_itself: \
-             it runs in the PostgreSQL pass (TEST_DATABASE_URL=postgres://…)"
-        );
+    let Some(cluster) =
+        private_cluster("a_database_restart_under_load_fails_fast_and_recovers_by_itself").await
+    else {
         return;
-    }
-    let cluster = match PgCluster::start().await {
-        Ok(cluster) => cluster,
-        Err(why) => {
-            eprintln!(
-                "\n********\nSKIPPED a_database_restart_under_load_fails_fast_and_recovers_by_itself: \
-                 cannot start a private PostgreSQL cluster: {why}\n********\n"
-            );
-            return;
-        }
     };
     let (app, fake) = spawn_with_fake_on(TestDatabase::at(&cluster.url), &[]).await;
     let ids = [
@@ -812,20 +821,10 @@ async fn a_database_restart_under_load_fails_fast_and_recovers_by_itself() {
 
 #[tokio::test]
 async fn a_query_whose_session_the_server_terminates_answers_503() {
-    if postgres_server_url().is_none() {
-        eprintln!(
-            "SKIPPED a_query_whose_session_the_server_terminates_answers_503: PostgreSQL pass only"
-        );
+    let Some(cluster) =
+        private_cluster("a_query_whose_session_the_server_terminates_answers_503").await
+    else {
         return;
-    }
-    let cluster = match PgCluster::start().await {
-        Ok(cluster) => cluster,
-        Err(why) => {
-            eprintln!(
-                "\n********\nSKIPPED: cannot start a private PostgreSQL cluster: {why}\n********\n"
-            );
-            return;
-        }
     };
     let (app, _fake) = spawn_with_fake_on(TestDatabase::at(&cluster.url), &[]).await;
     let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.url)
@@ -874,21 +873,10 @@ async fn a_query_whose_session_the_server_terminates_answers_503() {
 /// replaced: the next request succeeds instead of failing on a dead connection.
 #[tokio::test]
 async fn connections_the_server_closed_while_idle_are_replaced_not_used() {
-    if postgres_server_url().is_none() {
-        eprintln!(
-            "SKIPPED connections_the_server_closed_while_idle_are_replaced_not_used: \
-             PostgreSQL pass only"
-        );
+    let Some(cluster) =
+        private_cluster("connections_the_server_closed_while_idle_are_replaced_not_used").await
+    else {
         return;
-    }
-    let cluster = match PgCluster::start().await {
-        Ok(cluster) => cluster,
-        Err(why) => {
-            eprintln!(
-                "\n********\nSKIPPED: cannot start a private PostgreSQL cluster: {why}\n********\n"
-            );
-            return;
-        }
     };
     let (app, _fake) = spawn_with_fake_on(TestDatabase::at(&cluster.url), &[]).await;
     let list = || app.get_as("/api/v1/oauth/integrations", "alice", &["user"]);
