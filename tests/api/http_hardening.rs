@@ -309,3 +309,75 @@ async fn idle_and_trickling_connections_are_closed_after_the_idle_timeout() {
     let response = app.http.get(app.url("/healthz")).send().await.expect("get");
     assert_eq!(response.status(), 200);
 }
+
+/// Graceful shutdown through the accept loop: once it begins, no new connection is accepted,
+/// an idle keep-alive connection is closed, a request in progress is still answered, and
+/// `serve` returns.
+#[tokio::test]
+async fn a_shutdown_answers_the_request_in_progress_and_closes_idle_connections() {
+    use tokio::io::AsyncWriteExt;
+    let database = crate::support::TestDatabase::create().await;
+    let key = oauth_manager::crypto::KeyMaterial::generate();
+    let config = crate::support::config_from(&crate::support::base_env(&database.url, &key));
+    let application = oauth_manager::app::Application::build(
+        config,
+        std::sync::Arc::new(oauth_manager::clock::SystemClock),
+    )
+    .await
+    .expect("starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(application.serve(listener, async {
+        let _ = stopped.await;
+    }));
+
+    let mut idle = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let healthz = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    idle.write_all(healthz.as_bytes()).await.expect("send");
+    let mut answer = [0u8; 1024];
+    let read = tokio::io::AsyncReadExt::read(&mut idle, &mut answer)
+        .await
+        .expect("answer");
+    assert!(answer[..read].starts_with(b"HTTP/1.1 200"));
+
+    // A request whose body has not all arrived yet when the shutdown begins.
+    let mut busy = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let token = crate::support::sign_hs256(&crate::support::claims(
+        "alice",
+        &["user"],
+        chrono::Utc::now(),
+    ));
+    let head = format!(
+        "POST /api/v1/oauth/providers/google/authorize HTTP/1.1\r\nHost: {address}\r\n\
+         Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Content-Length: 2\r\n\r\n{{"
+    );
+    busy.write_all(head.as_bytes()).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(()).expect("shutdown");
+
+    let (_, took) = read_until_closed(&mut idle, Duration::from_secs(5)).await;
+    assert!(took < Duration::from_secs(5));
+    assert!(
+        tokio::net::TcpStream::connect(address).await.is_err(),
+        "a connection was accepted after the shutdown began"
+    );
+    busy.write_all(b"}").await.expect("the rest of the body");
+    let (answered, _) = read_until_closed(&mut busy, Duration::from_secs(10)).await;
+    let answered = String::from_utf8_lossy(&answered);
+    assert!(
+        answered.starts_with("HTTP/1.1 "),
+        "not answered: {answered:?}"
+    );
+    let served = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("serve returns once the request is answered");
+    assert!(served.expect("task").is_ok());
+}
