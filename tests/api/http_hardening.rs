@@ -244,6 +244,19 @@ async fn oversized_request_headers_get_431_not_an_error_or_a_hang() {
     assert_eq!(response.status(), 200);
 }
 
+/// A new connection to `address` on which `bytes` have been sent.
+async fn connect_and_send(
+    address: impl tokio::net::ToSocketAddrs,
+    bytes: &[u8],
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream.write_all(bytes).await.expect("send");
+    stream
+}
+
 /// Reads from `stream` until the service closes it; returns what it sent and how long that
 /// took. Gives up (test failure) after `limit`.
 async fn read_until_closed(
@@ -273,15 +286,11 @@ async fn read_until_closed(
 /// instead of holding the connection's buffers for ever.
 #[tokio::test]
 async fn idle_and_trickling_connections_are_closed_after_the_idle_timeout() {
-    use tokio::io::AsyncWriteExt;
     let app = spawn_app_with(&[("OAUTH_HTTP_IDLE_TIMEOUT_SECONDS", "1")]).await;
     let address = app.address.trim_start_matches("http://").to_owned();
 
-    let mut idle = tokio::net::TcpStream::connect(&address)
-        .await
-        .expect("connect");
     let request = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
-    idle.write_all(request.as_bytes()).await.expect("send");
+    let mut idle = connect_and_send(&address, request.as_bytes()).await;
     let (answered, took) = read_until_closed(&mut idle, Duration::from_secs(10)).await;
     let answered = String::from_utf8_lossy(&answered);
     assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
@@ -290,11 +299,8 @@ async fn idle_and_trickling_connections_are_closed_after_the_idle_timeout() {
         "closed too early: {took:?}"
     );
 
-    let mut trickling = tokio::net::TcpStream::connect(&address)
-        .await
-        .expect("connect");
     let partial = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n");
-    trickling.write_all(partial.as_bytes()).await.expect("send");
+    let mut trickling = connect_and_send(&address, partial.as_bytes()).await;
     let (answered, took) = read_until_closed(&mut trickling, Duration::from_secs(10)).await;
     assert!(
         !String::from_utf8_lossy(&answered).contains(" 200 "),
@@ -334,11 +340,8 @@ async fn a_shutdown_answers_the_request_in_progress_and_closes_idle_connections(
         let _ = stopped.await;
     }));
 
-    let mut idle = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("connect");
     let healthz = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
-    idle.write_all(healthz.as_bytes()).await.expect("send");
+    let mut idle = connect_and_send(address, healthz.as_bytes()).await;
     let mut answer = [0u8; 1024];
     let read = tokio::io::AsyncReadExt::read(&mut idle, &mut answer)
         .await
@@ -346,9 +349,6 @@ async fn a_shutdown_answers_the_request_in_progress_and_closes_idle_connections(
     assert!(answer[..read].starts_with(b"HTTP/1.1 200"));
 
     // A request whose body has not all arrived yet when the shutdown begins.
-    let mut busy = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("connect");
     let token = crate::support::sign_hs256(&crate::support::claims(
         "alice",
         &["user"],
@@ -359,7 +359,7 @@ async fn a_shutdown_answers_the_request_in_progress_and_closes_idle_connections(
          Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
          Content-Length: 2\r\n\r\n{{"
     );
-    busy.write_all(head.as_bytes()).await.expect("send");
+    let mut busy = connect_and_send(address, head.as_bytes()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.send(()).expect("shutdown");
 
