@@ -216,8 +216,11 @@ impl Application {
                 let _ = worker_stopped.await;
             }))
         });
-        let idle_timeout = self.state.config.http_idle_timeout;
-        http::server::serve(listener, router, idle_timeout, shutdown).await;
+        let connections = http::server::ConnectionSettings {
+            idle_timeout: self.state.config.http_idle_timeout,
+            keepalive_connections: self.state.config.http_keepalive_connections,
+        };
+        http::server::serve(listener, router, connections, shutdown).await;
         let _ = stop_worker.send(());
         if let Some(background) = background {
             let _ = background.await;

@@ -207,6 +207,11 @@ pub struct Config {
     /// common load balancers, so that the proxy, not this service, closes an idle connection
     /// first (a proxy reusing a connection this side just closed fails that request).
     pub http_idle_timeout: std::time::Duration,
+    /// `OAUTH_HTTP_KEEPALIVE_CONNECTIONS` (default 256): a client connection opened while this
+    /// many are open gets an idle timeout of 5 s (or `http_idle_timeout`, if shorter), so that
+    /// a burst of clients does not leave its idle connections' buffers held for the full
+    /// timeout.
+    pub http_keepalive_connections: usize,
 }
 
 /// Environment prefixes whose `_CLIENT_ID` / `_CLIENT_SECRET` are read at start-up.
@@ -260,6 +265,13 @@ impl Config {
             http_idle_timeout: std::time::Duration::from_secs(
                 parse_number(env, "OAUTH_HTTP_IDLE_TIMEOUT_SECONDS", 75, 1..=3600)?.unsigned_abs(),
             ),
+            http_keepalive_connections: usize::try_from(parse_number(
+                env,
+                "OAUTH_HTTP_KEEPALIVE_CONNECTIONS",
+                256,
+                1..=1_000_000,
+            )?)
+            .unwrap_or(256),
             allowed_return_urls: parse_return_urls(env)?,
             redis_url: parse_redis_url(env)?,
             log_format: parse_log_format(env)?,
@@ -824,6 +836,7 @@ mod tests {
         assert_eq!(sqlite.database_pool.max_connections, 4);
         assert_eq!(sqlite.max_concurrent_requests, 256);
         assert_eq!(sqlite.http_idle_timeout, std::time::Duration::from_secs(75));
+        assert_eq!(sqlite.http_keepalive_connections, 256);
         assert_eq!(
             sqlite.audit_hand_out_window,
             std::time::Duration::from_secs(1)
@@ -835,9 +848,11 @@ mod tests {
             ("OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS", "0"),
             ("OAUTH_MAX_CONCURRENT_REQUESTS", "1000"),
             ("OAUTH_HTTP_IDLE_TIMEOUT_SECONDS", "5"),
+            ("OAUTH_HTTP_KEEPALIVE_CONNECTIONS", "10"),
         ])
         .expect("tuned");
         assert_eq!(tuned.http_idle_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(tuned.http_keepalive_connections, 10);
         assert_eq!(tuned.database_pool.max_connections, 32);
         assert!(tuned.audit_hand_out_window.is_zero());
         assert_eq!(tuned.max_concurrent_requests, 1000);
@@ -846,6 +861,7 @@ mod tests {
             ("OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS", "61"),
             ("OAUTH_MAX_CONCURRENT_REQUESTS", "0"),
             ("OAUTH_HTTP_IDLE_TIMEOUT_SECONDS", "0"),
+            ("OAUTH_HTTP_KEEPALIVE_CONNECTIONS", "0"),
         ] {
             assert_eq!(invalid_var(load(&[(var, value)])), var);
         }

@@ -7,7 +7,7 @@ use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
 
 use crate::connect::{authorization_url, connect, to_service};
-use crate::support::fake_provider::Consent;
+use crate::support::fake_provider::{Consent, Endpoint};
 use crate::support::{problem, spawn_app, spawn_app_with, spawn_with_fake, TestApp, RETURN_BASE};
 
 const ALLOWED: &str = "https://app.example.test";
@@ -380,4 +380,128 @@ async fn a_shutdown_answers_the_request_in_progress_and_closes_idle_connections(
         .await
         .expect("serve returns once the request is answered");
     assert!(served.expect("task").is_ok());
+}
+
+/// A browser that goes away during the callback (a closed tab, or Nginx closing its upstream
+/// connection because its own client aborted) does not cancel the callback half-way: the
+/// authorization code is single-use and the sign-in state already consumed, so a callback cut
+/// off after the code exchange would lose the user's grant. hyper's half-close mode keeps it
+/// from watching the connection for an end of stream while the handler runs.
+#[tokio::test]
+async fn a_callback_whose_client_hangs_up_still_stores_the_connection() {
+    let (app, fake) = spawn_with_fake().await;
+    fake.push_consent("google", Consent::user("g-gone"));
+    let url = authorization_url(&app, "dora", "google", json!({})).await;
+    let callback = url::Url::parse(&to_service(&app, &fake.authorize(&url).await)).expect("url");
+    // Slow enough that the hang-up lands while the service waits for the code exchange.
+    fake.set_latency("google", Endpoint::Token, Duration::from_millis(700));
+
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let request = format!(
+        "GET {}?{} HTTP/1.1\r\nHost: {address}\r\nAccept: application/json\r\n\r\n",
+        callback.path(),
+        callback.query().unwrap_or_default()
+    );
+    let browser = connect_and_send(&address, request.as_bytes()).await;
+    let exchange_started = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fake.count_grant("google", "authorization_code") == 0 {
+        assert!(
+            tokio::time::Instant::now() < exchange_started,
+            "no exchange"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(browser);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = app
+            .get_as("/api/v1/oauth/integrations", "dora", &["user"])
+            .await;
+        assert_eq!(listed.status(), 200);
+        let body: Value = listed.json().await.expect("json");
+        if let Some(item) = body["items"].as_array().and_then(|items| items.first()) {
+            assert_eq!(item["provider"], "google", "{body}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the callback was abandoned when its client hung up: no integration for dora"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The stored connection works.
+    let id = app
+        .get_as("/api/v1/oauth/integrations", "dora", &["user"])
+        .await
+        .json::<Value>()
+        .await
+        .expect("json")["items"][0]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let token = app
+        .get_as(
+            &format!("/api/v1/oauth/integrations/{id}/token"),
+            "backend",
+            &["service"],
+        )
+        .await;
+    assert_eq!(token.status(), 200);
+}
+
+/// `OAUTH_HTTP_KEEPALIVE_CONNECTIONS`: a connection opened while that many are open is closed
+/// after 5 s without a request, so that a burst of clients does not leave its idle keep-alive
+/// connections (and their buffers) open for the whole idle timeout; below the threshold the
+/// idle timeout (75 s) applies.
+#[tokio::test]
+async fn connections_opened_beyond_the_keepalive_threshold_get_a_short_idle_timeout() {
+    let crowded = spawn_app_with(&[("OAUTH_HTTP_KEEPALIVE_CONNECTIONS", "1")]).await;
+    let calm = spawn_app().await;
+    let request = |address: &str| format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    let crowded_address = crowded.address.trim_start_matches("http://").to_owned();
+    let calm_address = calm.address.trim_start_matches("http://").to_owned();
+
+    let mut first = connect_and_send(&crowded_address, request(&crowded_address).as_bytes()).await;
+    let mut beyond = connect_and_send(&crowded_address, request(&crowded_address).as_bytes()).await;
+    let mut alone = connect_and_send(&calm_address, request(&calm_address).as_bytes()).await;
+    let (answered, took) = read_until_closed(&mut beyond, Duration::from_secs(20)).await;
+    assert!(
+        String::from_utf8_lossy(&answered).starts_with("HTTP/1.1 200"),
+        "answered before being closed"
+    );
+    assert!(
+        (Duration::from_millis(4500)..Duration::from_secs(15)).contains(&took),
+        "closed after {took:?}"
+    );
+    // The connections opened below the threshold are still open: they answer another request.
+    for (stream, address) in [(&mut first, &crowded_address), (&mut alone, &calm_address)] {
+        use tokio::io::AsyncWriteExt;
+        stream
+            .write_all(request(address).as_bytes())
+            .await
+            .expect("still open");
+        let (answers, _) = read_answers(stream, 2).await;
+        assert_eq!(
+            answers, 2,
+            "two answers on the kept connection to {address}"
+        );
+    }
+}
+
+/// Reads from `stream` until `count` responses (status lines) arrived; returns how many did
+/// and the bytes. Gives up after 10 s.
+async fn read_answers(stream: &mut tokio::net::TcpStream, count: usize) -> (usize, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let answers = |bytes: &[u8]| String::from_utf8_lossy(bytes).matches("HTTP/1.1 ").count();
+    while answers(&received) < count {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(read)) if read > 0 => received.extend_from_slice(&chunk[..read]),
+            _ => break,
+        }
+    }
+    (answers(&received), received)
 }
