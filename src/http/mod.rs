@@ -1,6 +1,7 @@
 //! HTTP layer: routes, extractors and the one error mapping. Handlers stay thin: they parse,
 //! call a service with an `Actor`, and shape the response.
 
+pub mod admission;
 pub mod error;
 pub mod extract;
 pub mod limits;
@@ -18,7 +19,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
-use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -29,10 +29,14 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use crate::auth::jwt::JwtVerifier;
 use crate::config::Config;
 use crate::services::Context;
+use admission::Admission;
 use error::ApiError;
 use limits::RateLimiter;
 
 pub const API_PREFIX: &str = "/api/v1/oauth";
+/// The sign-in routes, under [`API_PREFIX`]: they have a concurrency bound of their own.
+const AUTHORIZE_ROUTE: &str = "/providers/{provider}/authorize";
+const CALLBACK_ROUTE: &str = "/callback/{provider}";
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// A caller's request id longer than this is replaced by a fresh one.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -79,16 +83,9 @@ impl std::ops::Deref for AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    // Sign-ins have a bound of their own: a burst of them (each callback waits for a provider)
-    // must not make token hand-outs wait behind it.
-    let connect = Router::new()
-        .route(
-            "/providers/{provider}/authorize",
-            post(routes::connect::authorize),
-        )
-        .route("/callback/{provider}", get(routes::connect::callback))
-        .layer(concurrency_limit(&state));
     let api = Router::new()
+        .route(AUTHORIZE_ROUTE, post(routes::connect::authorize))
+        .route(CALLBACK_ROUTE, get(routes::connect::callback))
         .route("/openapi.json", get(routes::openapi::openapi_json))
         .route("/providers", get(routes::providers::list))
         .route("/integrations", get(routes::integrations::list))
@@ -112,14 +109,16 @@ pub fn router(state: AppState) -> Router {
         .route("/consents/{id}/withdraw", post(routes::consents::withdraw))
         .route("/users/{user_id}/export", get(routes::users::export))
         .route("/users/{user_id}", delete(routes::users::erase))
-        .layer(concurrency_limit(&state))
-        .merge(connect)
         // Responses of this API may carry tokens: never cache them anywhere.
         .layer(SetResponseHeaderLayer::if_not_present(
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         ));
     let limiter = middleware::from_fn_with_state(state.clone(), limits::limit_requests);
+    let admission = middleware::from_fn_with_state(
+        Admission::new(state.config.max_concurrent_requests),
+        admission::admit,
+    );
     let track_requests = middleware::from_fn_with_state(
         state.config.metrics_addr.is_some(),
         metrics::track_requests,
@@ -180,8 +179,11 @@ pub fn router(state: AppState) -> Router {
                 // A panicking handler answers a problem+json 500 (with its request id) instead
                 // of dropping the connection.
                 .layer(CatchPanicLayer::custom(panic_response))
-                .layer(middleware::from_fn(limit_header_size))
                 .layer(middleware::from_fn(request_timeout))
+                // Inside the timeout (a request waits for its turn within it), outside the
+                // rest (what waits holds little memory).
+                .layer(admission)
+                .layer(middleware::from_fn(limit_header_size))
                 // Inside the timeout: nothing the limiter waits on (Redis, JWKS) can hang a
                 // request.
                 .layer(limiter)
@@ -192,13 +194,6 @@ pub fn router(state: AppState) -> Router {
 /// CORS for the configured origins only (`OAUTH_CORS_ALLOWED_ORIGINS`); none configured, no
 /// CORS headers at all. Callers authenticate with a bearer token in `Authorization`, not with
 /// cookies, so credentials mode is not enabled.
-/// At most `OAUTH_MAX_CONCURRENT_REQUESTS` requests of the routes it is applied to at once: one
-/// semaphore, shared by the layer's clones. A request waits for a permit before its handler
-/// starts, within the request timeout of the outer layers.
-fn concurrency_limit(state: &AppState) -> GlobalConcurrencyLimitLayer {
-    GlobalConcurrencyLimitLayer::new(state.config.max_concurrent_requests)
-}
-
 fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;
