@@ -176,6 +176,17 @@ impl TokenCache {
         }
     }
 
+    /// [`TokenCache::put`], but only over an entry already there (a token in use).
+    pub fn replace(&self, integration: &Integration, tokens: &TokenSet, stored_at: DateTime<Utc>) {
+        let cached = self
+            .entries
+            .as_ref()
+            .is_some_and(|entries| entries.contains_key(&integration.id));
+        if cached {
+            self.put(integration, tokens, stored_at);
+        }
+    }
+
     pub fn forget(&self, id: Uuid) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.drop_entry(id);
@@ -245,6 +256,22 @@ mod tests {
         );
         cache.forget(active.id);
         assert!(cache.get(active.id).is_none());
+    }
+
+    #[test]
+    fn a_replacement_updates_an_entry_but_adds_none() {
+        let cache = TokenCache::new(Duration::seconds(5));
+        let unused = integration(IntegrationStatus::Active);
+        cache.replace(&unused, &tokens("a1"), Utc::now());
+        assert!(cache.get(unused.id).is_none(), "not in use: not added");
+        let in_use = integration(IntegrationStatus::Active);
+        cache.put(&in_use, &tokens("a1"), Utc::now());
+        cache.replace(&in_use, &tokens("a2"), Utc::now());
+        let hit = cache.get(in_use.id).expect("still cached");
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(&hit.tokens.access_token),
+            "a2"
+        );
     }
 
     #[test]

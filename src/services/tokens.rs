@@ -732,6 +732,7 @@ async fn single_flight(ctx: Context, wanted: Wanted) -> ServiceResult<Flown> {
                 lease: &lease,
                 sealed,
                 current,
+                background: matches!(trigger, Trigger::Background { .. }),
             };
             return refresh_leased(ctx, &integration, &trigger, leased, &actor, &client).await;
         }
@@ -886,6 +887,10 @@ struct Leased<'a> {
     lease: &'a str,
     sealed: SealedTokens,
     current: TokenSet,
+    /// The background refresher took the lease, not a caller wanting a token: the refreshed
+    /// tokens replace a cached entry but do not add one. Added, the refresher's 2,000 tokens a
+    /// second would crowd the cache's 4,096 entries, evicting the tokens callers do use.
+    background: bool,
 }
 
 async fn refresh_leased(
@@ -1011,7 +1016,12 @@ async fn store_refreshed(
             .await?;
         refreshed.granted_scopes = scopes;
     }
-    ctx.tokens_cache.put(&refreshed, &fresh, sealed.updated_at);
+    if leased.background {
+        ctx.tokens_cache
+            .replace(&refreshed, &fresh, sealed.updated_at);
+    } else {
+        ctx.tokens_cache.put(&refreshed, &fresh, sealed.updated_at);
+    }
     ctx.flights.publish(integration.id);
     let event = audit::event("token_refreshed", Outcome::Success, Some(actor), Some(&integration.user_id), client, now)
         .provider(&integration.provider)

@@ -868,3 +868,37 @@ async fn the_worker_renews_a_claim_too_short_for_a_refresh_and_refreshes_once() 
     let again = worker::tick(ctx, &WorkerSettings::default()).await;
     assert_eq!((again.refreshed, again.not_due), (0, 0), "{again:?}");
 }
+
+/// The background refresher renews a cached token that is in use, and adds none for an
+/// integration nobody asked for: at thousands of refreshes a second it would otherwise crowd
+/// the tokens in use out of the cache's 4,096 entries.
+#[tokio::test]
+async fn the_worker_renews_cached_tokens_in_use_and_caches_no_others() {
+    let (app, fake) = spawn_with_fake().await;
+    let in_use = connected(&app, &fake, "google", "g-1").await;
+    let unused = connected(&app, &fake, "google", "g-2").await;
+    let cache = &app.state.services.tokens_cache;
+    let (in_use, unused) = (
+        uuid::Uuid::parse_str(&in_use).expect("id"),
+        uuid::Uuid::parse_str(&unused).expect("id"),
+    );
+    cache.forget(unused);
+    assert_eq!(get_token(&app, &in_use.to_string()).await.status(), 200);
+    let before = cache.get(in_use).expect("cached by the hand-out");
+    let before = before.tokens.access_token.expose_secret().to_owned();
+
+    app.clock.advance(Duration::minutes(55));
+    let due = worker::tick(&app.state.services, &WorkerSettings::default()).await;
+    assert_eq!(due.refreshed, 2, "{due:?}");
+    let renewed = cache.get(in_use).expect("still cached");
+    assert_ne!(renewed.tokens.access_token.expose_secret(), before);
+    assert_eq!(
+        renewed.tokens.access_token.expose_secret(),
+        stored_tokens(&app, &json!({ "integration_id": in_use }), "alice")
+            .await
+            .access_token
+            .expose_secret(),
+        "the cache holds what was stored"
+    );
+    assert!(cache.get(unused).is_none(), "not in use: not cached");
+}
