@@ -12,7 +12,7 @@
 //! or the proxy in front hangs up: a callback cut off after its code exchange would otherwise
 //! lose the user's grant (the code is single-use, the sign-in state already consumed). That
 //! read would also have reserved a second 8 KiB buffer per connection, while the first one is
-//! still held by the request's headers: 8 MiB under a burst of 1,000 connections
+//! still held by the request's headers: 7–8 MiB under a burst of 1,000 connections
 //! (BENCHMARKS.md, session 9). Every handler is bounded by the request timeout all the same.
 
 use std::future::Future;
