@@ -7,6 +7,7 @@ use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
 
 use crate::connect::{authorization_url, connect, to_service};
+use crate::lifecycle::get_token;
 use crate::support::fake_provider::{Consent, Endpoint};
 use crate::support::{problem, spawn_app, spawn_app_with, spawn_with_fake, TestApp, RETURN_BASE};
 
@@ -178,13 +179,7 @@ async fn callback_pages_redirects_and_token_responses_carry_the_security_headers
     .await;
     assert_eq!(status, 200, "{result}");
     let id = result["integration_id"].as_str().expect("id");
-    let token = app
-        .get_as(
-            &format!("/api/v1/oauth/integrations/{id}/token"),
-            "backend",
-            &["service"],
-        )
-        .await;
+    let token = get_token(&app, id).await;
     assert_eq!(token.status(), 200);
     assert_security_headers(token.headers(), "token response");
     assert_eq!(token.headers()["cache-control"], "no-store");
@@ -414,7 +409,7 @@ async fn a_callback_whose_client_hangs_up_still_stores_the_connection() {
     drop(browser);
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let id = loop {
         let listed = app
             .get_as("/api/v1/oauth/integrations", "dora", &["user"])
             .await;
@@ -422,32 +417,16 @@ async fn a_callback_whose_client_hangs_up_still_stores_the_connection() {
         let body: Value = listed.json().await.expect("json");
         if let Some(item) = body["items"].as_array().and_then(|items| items.first()) {
             assert_eq!(item["provider"], "google", "{body}");
-            break;
+            break item["id"].as_str().expect("id").to_owned();
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the callback was abandoned when its client hung up: no integration for dora"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
     // The stored connection works.
-    let id = app
-        .get_as("/api/v1/oauth/integrations", "dora", &["user"])
-        .await
-        .json::<Value>()
-        .await
-        .expect("json")["items"][0]["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
-    let token = app
-        .get_as(
-            &format!("/api/v1/oauth/integrations/{id}/token"),
-            "backend",
-            &["service"],
-        )
-        .await;
-    assert_eq!(token.status(), 200);
+    assert_eq!(get_token(&app, &id).await.status(), 200);
 }
 
 /// `OAUTH_HTTP_KEEPALIVE_CONNECTIONS`: a connection opened while that many are open is closed
