@@ -233,8 +233,12 @@ fn stopped() -> ServiceError {
 /// a checkpoint) only ever touches rows far older than that, and any other writer's append
 /// is caught by the unique index anyway.
 const HEADS_KEPT_FOR: Duration = Duration::from_secs(30);
-/// Heads remembered at most (one entry per recently active user).
-const HEADS_KEPT_AT_MOST: usize = 50_000;
+/// Heads remembered at most (one entry per recently active user, ~180 bytes each). A head
+/// saves a query only for a user with more events to come soon: the background refresher,
+/// writing one event for each of thousands of users a second, would otherwise fill 50,000
+/// entries (9 MB) that are never read again (BENCHMARKS.md, session 9). Past this many the
+/// heads are dropped, table and all, and read afresh as needed.
+const HEADS_KEPT_AT_MOST: usize = 4_096;
 
 async fn run(mut receiver: mpsc::Receiver<Message>, deps: WriterDeps, counts: Arc<Counts>) {
     let mut messages = Vec::with_capacity(MAX_BATCH);
@@ -247,7 +251,8 @@ async fn run(mut receiver: mpsc::Receiver<Message>, deps: WriterDeps, counts: Ar
             linger(&mut receiver, &mut messages).await;
         }
         if heads_since.elapsed() > HEADS_KEPT_FOR || heads.len() > HEADS_KEPT_AT_MOST {
-            heads.clear();
+            // Not `clear()`: that keeps the table's memory.
+            heads = ChainHeads::new();
             heads_since = Instant::now();
         }
         let batch = Batch::of(std::mem::take(&mut messages), &counts, !open);
