@@ -602,6 +602,14 @@ async fn private_cluster(test: &str) -> Option<PgCluster> {
     }
 }
 
+/// The service, with the fake provider, on a private cluster of its own (see
+/// [`private_cluster`]); `None` when the test is skipped.
+async fn app_on_private_cluster(test: &str) -> Option<(PgCluster, TestApp, FakeProvider)> {
+    let cluster = private_cluster(test).await?;
+    let (app, fake) = spawn_with_fake_on(TestDatabase::at(&cluster.url), &[]).await;
+    Some((cluster, app, fake))
+}
+
 /// One request of the load.
 #[derive(Debug, Clone)]
 struct Sample {
@@ -618,12 +626,12 @@ struct Sample {
 async fn a_database_restart_under_load_fails_fast_and_recovers_by_itself() {
     // A PostgreSQL behaviour, tested in the PostgreSQL pass only (which also has the server
     // binaries); the cluster is the test's own, never TEST_DATABASE_URL's server.
-    let Some(cluster) =
-        private_cluster("a_database_restart_under_load_fails_fast_and_recovers_by_itself").await
+    let Some((cluster, app, fake)) =
+        app_on_private_cluster("a_database_restart_under_load_fails_fast_and_recovers_by_itself")
+            .await
     else {
         return;
     };
-    let (app, fake) = spawn_with_fake_on(TestDatabase::at(&cluster.url), &[]).await;
     let ids = [
         connected(&app, &fake, "google", "g-1").await,
         connected(&app, &fake, "microsoft", "oid-1").await,
@@ -821,12 +829,11 @@ async fn a_database_restart_under_load_fails_fast_and_recovers_by_itself() {
 
 #[tokio::test]
 async fn a_query_whose_session_the_server_terminates_answers_503() {
-    let Some(cluster) =
-        private_cluster("a_query_whose_session_the_server_terminates_answers_503").await
+    let Some((cluster, app, _fake)) =
+        app_on_private_cluster("a_query_whose_session_the_server_terminates_answers_503").await
     else {
         return;
     };
-    let (app, _fake) = spawn_with_fake_on(TestDatabase::at(&cluster.url), &[]).await;
     let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.url)
         .await
         .expect("connect");
@@ -873,12 +880,12 @@ async fn a_query_whose_session_the_server_terminates_answers_503() {
 /// replaced: the next request succeeds instead of failing on a dead connection.
 #[tokio::test]
 async fn connections_the_server_closed_while_idle_are_replaced_not_used() {
-    let Some(cluster) =
-        private_cluster("connections_the_server_closed_while_idle_are_replaced_not_used").await
+    let Some((cluster, app, _fake)) =
+        app_on_private_cluster("connections_the_server_closed_while_idle_are_replaced_not_used")
+            .await
     else {
         return;
     };
-    let (app, _fake) = spawn_with_fake_on(TestDatabase::at(&cluster.url), &[]).await;
     let list = || app.get_as("/api/v1/oauth/integrations", "alice", &["user"]);
     assert_eq!(list().await.status(), 200);
     let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.url)
