@@ -35,6 +35,10 @@ pub struct WorkerSettings {
     pub batch: i64,
     /// Refreshes in flight per provider.
     pub concurrency_per_provider: usize,
+    /// Integrations one tick claims at most. A tick remembers each one it claimed, so that
+    /// none is handled twice in it; the bound keeps that memory small (100,000 due at once
+    /// took 2–3 MiB), and a tick that reached it is followed by the next one at once.
+    pub claims_per_tick: usize,
 }
 
 impl Default for WorkerSettings {
@@ -44,6 +48,7 @@ impl Default for WorkerSettings {
             window: Duration::minutes(10),
             batch: 500,
             concurrency_per_provider: 64,
+            claims_per_tick: 16_384,
         }
     }
 }
@@ -58,6 +63,9 @@ pub struct TickReport {
     pub states_purged: u64,
     /// Audit rows deleted by retention (`OAUTH_AUDIT_RETENTION_DAYS`).
     pub audit_rows_pruned: u64,
+    /// The tick stopped claiming at `claims_per_tick`: more may be due, the next tick starts
+    /// without a pause.
+    pub more_due: bool,
 }
 
 /// Runs ticks every `interval` (with jitter, so replicas drift apart) until `shutdown`.
@@ -68,17 +76,23 @@ pub async fn run(ctx: Context, settings: WorkerSettings, shutdown: impl Future<O
         if report != TickReport::default() {
             tracing::info!(?report, "background worker tick");
         }
-        let base = settings.interval.num_milliseconds().max(100);
-        let pause = rand::thread_rng().gen_range(base * 9 / 10..=base * 11 / 10);
+        // A tick that stopped at its claim bound is followed by the next at once.
+        let pause = if report.more_due {
+            0
+        } else {
+            let base = settings.interval.num_milliseconds().max(100);
+            rand::thread_rng().gen_range(base * 9 / 10..=base * 11 / 10)
+        };
         tokio::select! {
+            biased;
             () = &mut shutdown => break,
             () = tokio::time::sleep(std::time::Duration::from_millis(u64::try_from(pause).unwrap_or(1000))) => {}
         }
     }
 }
 
-/// One pass: refresh everything due, retry due revocations, purge old requests, prune the
-/// audit log past its retention.
+/// One pass: refresh what is due (up to `claims_per_tick`), retry due revocations, purge old
+/// requests, prune the audit log past its retention.
 pub async fn tick(ctx: &Context, settings: &WorkerSettings) -> TickReport {
     let mut report = TickReport::default();
     refresh_due(ctx, settings, &mut report).await;
@@ -123,6 +137,15 @@ async fn refresh_due(ctx: &Context, settings: &WorkerSettings, report: &mut Tick
     let mut seen = HashSet::new();
     let mut tasks = JoinSet::new();
     loop {
+        let Some(room) = settings
+            .claims_per_tick
+            .checked_sub(seen.len())
+            .filter(|n| *n > 0)
+        else {
+            report.more_due = true;
+            break;
+        };
+        let limit = settings.batch.min(i64::try_from(room).unwrap_or(i64::MAX));
         let now = ctx.clock.now();
         let claimed = ctx
             .db
@@ -131,7 +154,7 @@ async fn refresh_due(ctx: &Context, settings: &WorkerSettings, report: &mut Tick
                 now,
                 now + settings.window,
                 now + ctx.lifecycle.lease,
-                settings.batch,
+                limit,
             )
             .await;
         let ids = match claimed {
@@ -146,7 +169,7 @@ async fn refresh_due(ctx: &Context, settings: &WorkerSettings, report: &mut Tick
         if fresh.is_empty() {
             break;
         }
-        let last_batch = i64::try_from(fresh.len()).unwrap_or(0) < settings.batch;
+        let last_batch = i64::try_from(fresh.len()).unwrap_or(0) < limit;
         // The batch's integrations and token generations in two queries, not two per row.
         let mut claimed = match read_claimed(ctx, &fresh).await {
             Ok(claimed) => claimed,

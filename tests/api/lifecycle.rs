@@ -438,6 +438,72 @@ async fn the_background_worker_refreshes_each_due_integration_once_across_two_wo
     assert_eq!(fake.count_grant("google", "refresh_token"), 6);
 }
 
+#[tokio::test]
+async fn a_tick_claims_at_most_its_bound_and_says_more_is_due() {
+    let (app, fake) = spawn_with_fake().await;
+    for n in 0..5 {
+        connected(&app, &fake, "google", &format!("b-{n}")).await;
+    }
+    app.clock.advance(Duration::minutes(52));
+    let settings = WorkerSettings {
+        batch: 2,
+        claims_per_tick: 3,
+        ..WorkerSettings::default()
+    };
+    let first = worker::tick(&app.state.services, &settings).await;
+    assert_eq!((first.refreshed, first.more_due), (3, true), "{first:?}");
+    let second = worker::tick(&app.state.services, &settings).await;
+    assert_eq!(
+        (second.refreshed, second.more_due),
+        (2, false),
+        "{second:?}"
+    );
+    let third = worker::tick(&app.state.services, &settings).await;
+    assert_eq!(third, worker::TickReport::default());
+    assert_eq!(
+        fake.count_grant("google", "refresh_token"),
+        5,
+        "each integration exactly once"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_whose_tick_stopped_at_its_bound_ticks_again_without_its_pause() {
+    let (app, fake) = spawn_with_fake().await;
+    for n in 0..5 {
+        connected(&app, &fake, "google", &format!("r-{n}")).await;
+    }
+    app.clock.advance(Duration::minutes(52));
+    let settings = WorkerSettings {
+        interval: Duration::hours(1),
+        batch: 2,
+        claims_per_tick: 2,
+        ..WorkerSettings::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(worker::run(
+        app.state.services.clone(),
+        settings,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    // Three ticks of at most two claims each, none an hour after the other.
+    for _ in 0..200 {
+        if fake.count_grant("google", "refresh_token") == 5 {
+            break;
+        }
+        tokio::time::sleep(StdDuration::from_millis(25)).await;
+    }
+    assert_eq!(fake.count_grant("google", "refresh_token"), 5);
+    let _ = stop.send(());
+    let finished = tokio::time::timeout(StdDuration::from_secs(5), running).await;
+    assert!(
+        finished.is_ok(),
+        "the worker stops when asked, pausing or not"
+    );
+}
+
 pub async fn disconnect(app: &TestApp, id: &str) -> Value {
     let response = app
         .http
