@@ -142,7 +142,9 @@ async fn refresh_due(ctx: &Context, settings: &WorkerSettings, report: &mut Tick
             .checked_sub(seen.len())
             .filter(|n| *n > 0)
         else {
-            report.more_due = true;
+            // Never says "more" without having claimed any: a bound of 0 must not make the
+            // worker tick without a pause.
+            report.more_due = !seen.is_empty();
             break;
         };
         let limit = settings.batch.min(i64::try_from(room).unwrap_or(i64::MAX));

@@ -450,6 +450,13 @@ async fn a_tick_claims_at_most_its_bound_and_says_more_is_due() {
         claims_per_tick: 3,
         ..WorkerSettings::default()
     };
+    // A bound of 0 claims nothing and does not ask for the next tick at once (no busy loop).
+    let none = WorkerSettings {
+        claims_per_tick: 0,
+        ..settings
+    };
+    let idle = worker::tick(&app.state.services, &none).await;
+    assert_eq!((idle.refreshed, idle.more_due), (0, false), "{idle:?}");
     let first = worker::tick(&app.state.services, &settings).await;
     assert_eq!((first.refreshed, first.more_due), (3, true), "{first:?}");
     let second = worker::tick(&app.state.services, &settings).await;
