@@ -33,6 +33,22 @@ pub async fn connected(
     result["integration_id"].as_str().expect("id").to_owned()
 }
 
+/// `count` Google integrations connected now, then the clock moved 52 minutes on: their
+/// one-hour tokens are inside the worker's 10-minute window.
+async fn due_for_the_worker(
+    app: &TestApp,
+    fake: &FakeProvider,
+    prefix: &str,
+    count: usize,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for n in 0..count {
+        ids.push(connected(app, fake, "google", &format!("{prefix}-{n}")).await);
+    }
+    app.clock.advance(Duration::minutes(52));
+    ids
+}
+
 pub async fn get_token(app: &TestApp, id: &str) -> reqwest::Response {
     app.get_as(
         &format!("/api/v1/oauth/integrations/{id}/token"),
@@ -403,12 +419,8 @@ async fn unknown_expiry_is_never_refreshed_until_a_rejection_and_notion_rotation
 #[tokio::test]
 async fn the_background_worker_refreshes_each_due_integration_once_across_two_workers() {
     let (app, fake) = spawn_with_fake().await;
-    let mut ids = Vec::new();
-    for n in 0..6 {
-        ids.push(connected(&app, &fake, "google", &format!("g-{n}")).await);
-    }
+    let ids = due_for_the_worker(&app, &fake, "g", 6).await;
     let other = app.sibling().await;
-    app.clock.advance(Duration::minutes(52));
     other.clock.set(app.clock.now());
     fake.push_fault(
         "google",
@@ -441,10 +453,7 @@ async fn the_background_worker_refreshes_each_due_integration_once_across_two_wo
 #[tokio::test]
 async fn a_tick_claims_at_most_its_bound_and_says_more_is_due() {
     let (app, fake) = spawn_with_fake().await;
-    for n in 0..5 {
-        connected(&app, &fake, "google", &format!("b-{n}")).await;
-    }
-    app.clock.advance(Duration::minutes(52));
+    due_for_the_worker(&app, &fake, "b", 5).await;
     let settings = WorkerSettings {
         batch: 2,
         claims_per_tick: 3,
@@ -477,10 +486,7 @@ async fn a_tick_claims_at_most_its_bound_and_says_more_is_due() {
 #[tokio::test]
 async fn a_worker_whose_tick_stopped_at_its_bound_ticks_again_without_its_pause() {
     let (app, fake) = spawn_with_fake().await;
-    for n in 0..5 {
-        connected(&app, &fake, "google", &format!("r-{n}")).await;
-    }
-    app.clock.advance(Duration::minutes(52));
+    due_for_the_worker(&app, &fake, "r", 5).await;
     let settings = WorkerSettings {
         interval: Duration::hours(1),
         batch: 2,
