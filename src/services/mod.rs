@@ -1,5 +1,12 @@
 //! Business rules: no SQL, no HTTP types. Every operation on a user's data takes an
 //! [`Actor`](crate::auth::rbac::Actor) proving the caller's permission.
+//!
+//! **Future sizes.** An `async fn` is as large as its largest state, all of its life: a
+//! callback that awaits its provider for 50 ms and then stores what it got holds the storing's
+//! state (a transaction, the consent, the audit event) during the whole wait, for each of the
+//! hundreds of sign-ins a burst has in progress. Where a step's state is much larger than the
+//! wait before it, the step is awaited through `Box::pin`, so that it takes its memory only
+//! while it runs (BENCHMARKS.md, session 11). Storage does the same for transactions.
 
 pub mod audit;
 pub mod audit_log;

@@ -940,17 +940,34 @@ async fn refresh_leased(
     }
     match result {
         Ok(response) => {
-            let tokens =
-                store_refreshed(ctx, integration, provider, leased, response, actor, client)
-                    .await?;
+            // Boxed (as the failure path): inline, storing would size every refresh for the
+            // whole of its wait for the provider (see `services` on future sizes).
+            let tokens = Box::pin(store_refreshed(
+                ctx,
+                integration,
+                provider,
+                leased,
+                response,
+                actor,
+                client,
+            ))
+            .await?;
             Ok(Flown {
                 tokens,
                 refreshed: true,
             })
         }
-        Err(err) => refresh_failed(ctx, integration, trigger, leased, err, actor, client)
-            .await
-            .map(Flown::unchanged),
+        Err(err) => Box::pin(refresh_failed(
+            ctx,
+            integration,
+            trigger,
+            leased,
+            err,
+            actor,
+            client,
+        ))
+        .await
+        .map(Flown::unchanged),
     }
 }
 

@@ -374,9 +374,8 @@ macro_rules! with_write_tx {
         match $db {
             Database::Postgres(pool) => {
                 let locks: &[&str] = $lock;
-                let mut $tx = pool
-                    .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
-                    .await?;
+                let mut $tx =
+                    Box::pin(pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")).await?;
                 // Callers pass chains sorted: two transactions taking overlapping sets in the
                 // same order cannot deadlock. One round trip for all of them.
                 if !locks.is_empty() {
@@ -393,7 +392,7 @@ macro_rules! with_write_tx {
                 // One writer at a time: the immediate transaction is the (database-wide) lock.
                 let _: &[&str] = $lock;
                 let _turn = gate.enter().await;
-                let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let mut $tx = Box::pin(pool.begin_with("BEGIN IMMEDIATE")).await?;
                 let value = $body;
                 $tx.commit().await?;
                 value
@@ -409,15 +408,15 @@ macro_rules! with_read_tx {
     ($db:expr, $tx:ident => $body:expr) => {
         match $db {
             Database::Postgres(pool) => {
-                let mut $tx = pool
-                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                    .await?;
+                let mut $tx =
+                    Box::pin(pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+                        .await?;
                 let value = $body;
                 $tx.commit().await?;
                 value
             }
             Database::Sqlite(pool, _) => {
-                let mut $tx = pool.begin().await?;
+                let mut $tx = Box::pin(pool.begin()).await?;
                 let value = $body;
                 $tx.commit().await?;
                 value

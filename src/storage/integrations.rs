@@ -272,7 +272,7 @@ impl Database {
             Database::Sqlite(..) => "BEGIN IMMEDIATE",
         };
         with_writer!(self, pool => {
-            let mut tx = pool.begin_with(begin).await?;
+            let mut tx = Box::pin(pool.begin_with(begin)).await?;
             let existing: Option<Row> = sqlx::query_as(&find_sql)
                 .bind(connection.user_id)
                 .bind(connection.provider)
@@ -374,7 +374,7 @@ impl Database {
             "DELETE FROM oauth_tokens WHERE integration_id = $1 AND $2 IS NOT NULL"
         };
         with_writer!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = Box::pin(pool.begin()).await?;
             sqlx::query(status_sql).bind(id).bind(now).execute(&mut *tx).await?;
             sqlx::query(tokens_sql).bind(id).bind(now).execute(&mut *tx).await?;
             tx.commit().await?;
@@ -403,7 +403,7 @@ impl Database {
             "DELETE FROM oauth_integrations WHERE user_id = $1",
         ];
         with_writer!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = Box::pin(pool.begin()).await?;
             let mut counts = [0u64; 4];
             for (count, sql) in counts.iter_mut().zip(statements) {
                 *count = sqlx::query(sql).bind(user_id).execute(&mut *tx).await?.rows_affected();

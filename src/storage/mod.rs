@@ -8,6 +8,10 @@
 //!
 //! One repository per table: [`integrations`], [`tokens`], [`scopes`], [`consents`],
 //! [`state`], [`audit`].
+//!
+//! Transactions begin through `Box::pin(pool.begin())`: sqlx's `begin` (waiting for a pool
+//! connection included) is a 1.2–1.5 KiB future, and inline it would size each caller's future,
+//! and theirs, for all of their life (see `services` on future sizes).
 
 pub mod audit;
 pub mod consents;

@@ -69,7 +69,7 @@ impl Database {
         }
         match self {
             Database::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = Box::pin(pool.begin()).await?;
                 // A state row guards one sign-in for minutes; if a server crash loses it, that
                 // sign-in's callback finds no state and fails closed, and the user starts
                 // again. Not worth a log flush of its own, which was most of authorize's time.

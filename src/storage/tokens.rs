@@ -599,7 +599,7 @@ async fn store_refreshed_on_sqlite(
                updated_at = $9, generation = generation + 1, lease_owner = NULL, \
                lease_until = NULL, refresh_failures = 0, refresh_not_before = NULL \
                WHERE integration_id = $1 RETURNING generation";
-    let mut tx = pool.begin().await?;
+    let mut tx = Box::pin(pool.begin()).await?;
     let mut generations = Vec::with_capacity(rows.len());
     for tokens in rows {
         let generation: Option<i64> = bind_token_row!(sqlx::query_scalar(sql), tokens)
