@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -23,7 +23,6 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::auth::jwt::JwtVerifier;
@@ -42,12 +41,6 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const MAX_REQUEST_ID_LEN: usize = 128;
 /// Bodies of this API are small JSON documents.
 const MAX_BODY_BYTES: usize = 64 * 1024;
-/// No request may hang longer than this, whatever a dependency does.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Request headers may total this much; more is a 431. Nothing this API reads comes near it (a
-/// JWT is at most 8 KiB). hyper, under `axum::serve`, buffers up to ~400 KiB of headers and
-/// 100 fields and answers 431 itself beyond that; this is the tighter limit.
-const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Sent on every response that does not set its own: JSON needs no sources, and no response of
 /// this service is meant to be framed.
 const DEFAULT_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
@@ -108,21 +101,14 @@ pub fn router(state: AppState) -> Router {
         .route("/audit", get(routes::audit::list))
         .route("/consents/{id}/withdraw", post(routes::consents::withdraw))
         .route("/users/{user_id}/export", get(routes::users::export))
-        .route("/users/{user_id}", delete(routes::users::erase))
-        // Responses of this API may carry tokens: never cache them anywhere.
-        .layer(SetResponseHeaderLayer::if_not_present(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("no-store"),
-        ));
+        .route("/users/{user_id}", delete(routes::users::erase));
     let limiter = middleware::from_fn_with_state(state.clone(), limits::limit_requests);
-    let admission = middleware::from_fn_with_state(
-        Admission::new(state.config.max_concurrent_requests),
-        admission::admit,
-    );
-    let track_requests = middleware::from_fn_with_state(
-        state.config.metrics_addr.is_some(),
-        metrics::track_requests,
-    );
+    let admission = Admission::new(state.config.max_concurrent_requests);
+    let track_requests = state
+        .config
+        .metrics_addr
+        .is_some()
+        .then_some(metrics::TrackRequests);
     let cors = cors_layer(&state.config.cors_allowed_origins);
     Router::new()
         .route("/healthz", get(routes::health::healthz))
@@ -155,40 +141,43 @@ pub fn router(state: AppState) -> Router {
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
                 // Outside everything that answers early (429, 431, timeouts, panics), so
                 // every status is counted.
-                .layer(track_requests)
-                .layer(SetResponseHeaderLayer::if_not_present(
-                    header::X_CONTENT_TYPE_OPTIONS,
-                    HeaderValue::from_static("nosniff"),
-                ))
-                // Callback URLs carry authorization codes and API URLs ids: never send them
-                // onward in a Referer.
-                .layer(SetResponseHeaderLayer::if_not_present(
-                    header::REFERRER_POLICY,
-                    HeaderValue::from_static("no-referrer"),
-                ))
-                .layer(SetResponseHeaderLayer::if_not_present(
-                    header::X_FRAME_OPTIONS,
-                    HeaderValue::from_static("DENY"),
-                ))
-                .layer(SetResponseHeaderLayer::if_not_present(
-                    header::CONTENT_SECURITY_POLICY,
-                    HeaderValue::from_static(DEFAULT_CSP),
-                ))
+                .option_layer(track_requests)
+                .map_response(security_headers)
                 // Outside the limiter, so that a browser can read a 429 too.
                 .option_layer(cors)
                 // A panicking handler answers a problem+json 500 (with its request id) instead
                 // of dropping the connection.
                 .layer(CatchPanicLayer::custom(panic_response))
-                .layer(middleware::from_fn(request_timeout))
-                // Inside the timeout (a request waits for its turn within it), outside the
-                // rest (what waits holds little memory).
+                // The header-size check, the request's time limit (its wait for a turn
+                // included) and the concurrency bound; outside the rest, so that what waits
+                // holds little memory.
                 .layer(admission)
-                .layer(middleware::from_fn(limit_header_size))
                 // Inside the timeout: nothing the limiter waits on (Redis, JWKS) can hang a
                 // request.
                 .layer(limiter)
                 .layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
         )
+}
+
+/// Headers every response carries unless it sets its own: never cached anywhere (responses of
+/// the API may carry tokens, and nothing else here gains from a cache); no content sniffing;
+/// no `Referer` onward (callback URLs carry authorization codes and API URLs ids); never
+/// framed; and a CSP that allows nothing. One function rather than a layer per header: a
+/// layer's future and its copy of the stack carry its header name and value in every request.
+fn security_headers<B>(mut response: axum::http::Response<B>) -> axum::http::Response<B> {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CONTENT_SECURITY_POLICY, DEFAULT_CSP),
+    ] {
+        if !headers.contains_key(&name) {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+    }
+    response
 }
 
 /// CORS for the configured origins only (`OAUTH_CORS_ALLOWED_ORIGINS`); none configured, no
@@ -210,36 +199,6 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
             .expose_headers([REQUEST_ID, header::RETRY_AFTER, header::WWW_AUTHENTICATE])
             .max_age(CORS_MAX_AGE),
     )
-}
-
-/// 431 for oversized request headers, before anything (JWT verification included) reads them.
-async fn limit_header_size(request: Request, next: Next) -> Response {
-    let size: usize = request
-        .headers()
-        .iter()
-        // As on the wire: "name: value\r\n".
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    if size > MAX_HEADER_BYTES {
-        return ApiError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "request_header_fields_too_large",
-            format!(
-                "the request headers total {size} bytes; at most {MAX_HEADER_BYTES} are accepted"
-            ),
-        )
-        .into_response();
-    }
-    next.run(request).await
-}
-
-async fn request_timeout(request: Request, next: Next) -> Response {
-    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => {
-            ApiError::unavailable("request_timeout", "the request took too long", 1).into_response()
-        }
-    }
 }
 
 /// Keeps `x-request-id` only when it matches `[A-Za-z0-9._:-]{1,128}`: the value reaches every

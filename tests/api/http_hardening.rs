@@ -188,6 +188,41 @@ async fn callback_pages_redirects_and_token_responses_carry_the_security_headers
 }
 
 #[tokio::test]
+async fn probes_errors_and_early_answers_carry_the_security_headers_too() {
+    let app = spawn_app().await;
+    let health = app
+        .http
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    let unknown = app.http.get(app.url("/nowhere")).send().await.expect("404");
+    let unauthenticated = app
+        .http
+        .get(app.url("/api/v1/oauth/integrations"))
+        .send()
+        .await
+        .expect("401");
+    let oversized = app
+        .http
+        .get(app.url("/api/v1/oauth/providers"))
+        .header("x-padding", "a".repeat(20 * 1024))
+        .send()
+        .await
+        .expect("431");
+    for (response, status) in [
+        (&health, 200),
+        (&unknown, 404),
+        (&unauthenticated, 401),
+        (&oversized, 431),
+    ] {
+        assert_eq!(response.status(), status);
+        assert_security_headers(response.headers(), &format!("{status}"));
+        assert_eq!(response.headers()["cache-control"], "no-store", "{status}");
+    }
+}
+
+#[tokio::test]
 async fn oversized_request_headers_get_431_not_an_error_or_a_hang() {
     let app = spawn_app().await;
     let client = reqwest::Client::builder()
