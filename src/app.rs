@@ -118,8 +118,10 @@ pub async fn build_services(
         .provider_timeout
         .to_std()
         .unwrap_or(crate::oauth::TOTAL_TIMEOUT);
+    // As many idle connections per provider as the background refresher uses at once.
+    let idle_per_host = config.worker.concurrency_per_provider;
     let client = || {
-        crate::oauth::http_client_with_timeout(timeout)
+        crate::oauth::http_client_with(timeout, idle_per_host)
             .map_err(|err| StartupError::Http(err.to_string()))
     };
     let http = client()?;

@@ -48,13 +48,26 @@ const USER_AGENT: &str = concat!("oauth-manager/", env!("CARGO_PKG_VERSION"));
 /// a redirect would replay them (and the code or token) to wherever the `Location` points.
 /// A 3xx therefore surfaces as an error instead.
 pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
-    http_client_with_timeout(TOTAL_TIMEOUT)
+    http_client_with(TOTAL_TIMEOUT, DEFAULT_IDLE_PER_HOST)
 }
 
-/// [`http_client`] with another total timeout per request (`OAUTH_PROVIDER_TIMEOUT_SECONDS`).
-pub fn http_client_with_timeout(total: Duration) -> Result<reqwest::Client, reqwest::Error> {
+/// Idle connections [`http_client`] keeps per provider host.
+const DEFAULT_IDLE_PER_HOST: usize = 64;
+
+/// [`http_client`] with another total timeout per request (`OAUTH_PROVIDER_TIMEOUT_SECONDS`),
+/// keeping at most `idle_per_host` idle connections to each provider host.
+///
+/// The bound matters after a burst: each connection holds its buffers (and, over TLS, its
+/// session) for the 90 s it may stay idle, and a burst of sign-ins opens one per sign-in in
+/// progress (256 by default). Callers keep as many as their steady load uses at once (the
+/// background refresher's concurrency); connections beyond that close as they come back.
+pub fn http_client_with(
+    total: Duration,
+    idle_per_host: usize,
+) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .use_rustls_tls()
+        .pool_max_idle_per_host(idle_per_host)
         .connect_timeout(CONNECT_TIMEOUT.min(total))
         .timeout(total)
         .redirect(reqwest::redirect::Policy::none())
@@ -235,5 +248,69 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.class(), FailureClass::Transient, "{err:?}");
         drop(socket);
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A keep-alive HTTP/1.1 server that answers every request after 100 ms and counts the
+    /// connections open to it.
+    async fn slow_server() -> (Url, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let counter = open.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let open = counter.clone();
+                open.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buffer = [0_u8; 4096];
+                    // One read is one request here: they are small GETs without bodies.
+                    while socket.read(&mut buffer).await.is_ok_and(|read| read > 0) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+                        if socket.write_all(reply).await.is_err() {
+                            break;
+                        }
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (url, open)
+    }
+
+    /// Connections still open to the server once 8 concurrent requests are done.
+    async fn left_open_after_a_burst(idle_per_host: usize) -> usize {
+        let (url, open) = slow_server().await;
+        let client = http_client_with(TOTAL_TIMEOUT, idle_per_host).unwrap();
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            burst.spawn(client.get(url.clone()).send());
+        }
+        while let Some(response) = burst.join_next().await {
+            assert_eq!(response.unwrap().unwrap().status(), 200);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        open.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn a_burst_leaves_at_most_the_idle_bound_open() {
+        assert_eq!(left_open_after_a_burst(2).await, 2);
+        assert_eq!(
+            left_open_after_a_burst(8).await,
+            8,
+            "the bound is what closes them"
+        );
     }
 }
