@@ -207,32 +207,27 @@ mod tests {
         problem_code(response).await
     }
 
+    fn timed_out() -> (StatusCode, String) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "request_timeout".to_owned(),
+        )
+    }
+
     #[tokio::test]
     async fn the_time_limit_covers_the_wait_for_a_turn() {
         let admission = Admission::with_timeout(1, Duration::from_millis(100));
         // Its one permit is taken for good: a request can only wait for it.
         let _taken = admission.others.clone().try_acquire_owned().unwrap();
         let answer = answer(stuck_api(admission), token_request(1)).await;
-        assert_eq!(
-            answer,
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "request_timeout".to_owned()
-            )
-        );
+        assert_eq!(answer, timed_out());
     }
 
     #[tokio::test]
     async fn the_time_limit_covers_the_handler() {
         let admission = Admission::with_timeout(1, Duration::from_millis(100));
         let answer = answer(stuck_api(admission), token_request(1)).await;
-        assert_eq!(
-            answer,
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "request_timeout".to_owned()
-            )
-        );
+        assert_eq!(answer, timed_out());
     }
 
     #[tokio::test]

@@ -190,19 +190,10 @@ async fn callback_pages_redirects_and_token_responses_carry_the_security_headers
 #[tokio::test]
 async fn probes_errors_and_early_answers_carry_the_security_headers_too() {
     let app = spawn_app().await;
-    let health = app
-        .http
-        .get(app.url("/healthz"))
-        .send()
-        .await
-        .expect("healthz");
-    let unknown = app.http.get(app.url("/nowhere")).send().await.expect("404");
-    let unauthenticated = app
-        .http
-        .get(app.url("/api/v1/oauth/integrations"))
-        .send()
-        .await
-        .expect("401");
+    let get = |path: &str| app.http.get(app.url(path)).send();
+    let health = get("/healthz").await.expect("200");
+    let unknown = get("/nowhere").await.expect("404");
+    let unauthenticated = get("/api/v1/oauth/integrations").await.expect("401");
     let oversized = app
         .http
         .get(app.url("/api/v1/oauth/providers"))
