@@ -833,7 +833,7 @@ mod tests {
     #[test]
     fn the_pool_hand_out_window_and_request_bound_have_defaults_and_can_be_set() {
         let sqlite = load(&[]).expect("defaults");
-        assert_eq!(sqlite.database_pool.max_connections, 4);
+        assert_eq!(sqlite.database_pool.max_connections, 2);
         assert_eq!(sqlite.max_concurrent_requests, 256);
         assert_eq!(sqlite.http_idle_timeout, std::time::Duration::from_secs(75));
         assert_eq!(sqlite.http_keepalive_connections, 256);

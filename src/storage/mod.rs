@@ -162,9 +162,10 @@ impl Default for PoolSettings {
 }
 
 impl PoolSettings {
-    /// 16 connections to PostgreSQL; 4 to SQLite, which writes one transaction at a time
-    /// anyway (see [`WriteGate`]) and whose connections each keep a page cache and a thread:
-    /// more connections cost memory and bought nothing (BENCHMARKS.md).
+    /// 16 connections to PostgreSQL; 2 to SQLite, which writes one transaction at a time
+    /// anyway (see [`WriteGate`]) and whose connections each keep a page cache, prepared
+    /// statements and a thread with its own malloc arena: one writer and one reader lost no
+    /// throughput against 4 connections and took 3–6 MiB off the peak (BENCHMARKS.md).
     pub fn default_for(url: &str) -> Self {
         if is_postgres_url(url) {
             Self::default()
@@ -176,7 +177,7 @@ impl PoolSettings {
     }
 }
 
-const SQLITE_DEFAULT_CONNECTIONS: u32 = 4;
+const SQLITE_DEFAULT_CONNECTIONS: u32 = 2;
 
 /// The pools' check before handing out an idle connection: a ping only after
 /// [`PING_IF_IDLE_FOR`] of idleness. `Ok(false)` or an error makes sqlx close the connection
@@ -213,7 +214,7 @@ impl Database {
                 .busy_timeout(SQLITE_BUSY_TIMEOUT)
                 .foreign_keys(true)
                 // 4 MiB of page cache per connection (SQLite's default is 2 MiB): the default
-                // pool of 4 then caches 16 MiB of the hottest pages, enough for the indexes
+                // pool of 2 then caches 8 MiB of the hottest pages, enough for the indexes
                 // the refresher walks with 100,000 integrations stored (BENCHMARKS.md).
                 .pragma("cache_size", "-4096")
                 // A backstop only: the log is checkpointed by `checkpoint_in_background`.

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::connect::{connect, stored_tokens};
 use crate::support::fake_provider::{Consent, Endpoint, FakeProvider, Fault};
-use crate::support::{count_rows, problem, spawn_with_fake, TestApp};
+use crate::support::{count_rows, problem, spawn_with_fake, spawn_with_fake_and, TestApp};
 use oauth_manager::services::worker::{self, WorkerSettings};
 
 pub async fn connected(
@@ -980,4 +980,37 @@ async fn the_worker_renews_cached_tokens_in_use_and_caches_no_others() {
         "the cache holds what was stored"
     );
     assert!(cache.get(unused).is_none(), "not in use: not cached");
+}
+
+/// No step holds one pooled connection while it waits for another: with a pool of one, such a
+/// step would wait for itself until the acquire timeout. SQLite's default pool is only 2
+/// (BENCHMARKS.md, session 12), so this keeps a step from needing more than the pool has.
+#[tokio::test]
+async fn every_step_works_with_a_single_database_connection() {
+    let (app, fake) = spawn_with_fake_and(&[("OAUTH_DATABASE_MAX_CONNECTIONS", "1")]).await;
+    let bounded = StdDuration::from_secs(20);
+    let id = tokio::time::timeout(bounded, connected(&app, &fake, "google", "g-1"))
+        .await
+        .expect("the connect flow waited for a connection");
+    app.clock.advance(Duration::minutes(61));
+    let callers: Vec<_> = (0..8).map(|_| spawn_token_call(&app, &id)).collect();
+    for caller in callers {
+        tokio::time::timeout(bounded, caller)
+            .await
+            .expect("a hand-out waited for a connection")
+            .expect("task");
+    }
+    assert_eq!(fake.count_grant("google", "refresh_token"), 1);
+    app.clock.advance(Duration::minutes(52));
+    let tick = tokio::time::timeout(
+        bounded,
+        worker::tick(&app.state.services, &WorkerSettings::default()),
+    )
+    .await
+    .expect("the worker waited for a connection");
+    assert_eq!(tick.refreshed, 1, "{tick:?}");
+    let body = tokio::time::timeout(bounded, disconnect(&app, &id))
+        .await
+        .expect("the disconnect waited for a connection");
+    assert_eq!(body["provider_revocation"], "revoked");
 }
