@@ -221,6 +221,7 @@ impl Application {
         let connections = http::server::ConnectionSettings {
             idle_timeout: self.state.config.http_idle_timeout,
             keepalive_connections: self.state.config.http_keepalive_connections,
+            max_connections: self.state.config.http_max_connections,
         };
         http::server::serve(listener, router, connections, shutdown).await;
         let _ = stop_worker.send(());

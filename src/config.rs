@@ -212,6 +212,12 @@ pub struct Config {
     /// a burst of clients does not leave its idle connections' buffers held for the full
     /// timeout.
     pub http_keepalive_connections: usize,
+    /// `OAUTH_MAX_CONNECTIONS` (default 512): client connections open at once. The next one
+    /// waits for a place while every open connection closes after its next response
+    /// (`Connection: close`). 512 is as many requests as the default
+    /// `OAUTH_MAX_CONCURRENT_REQUESTS` lets in at once (256 sign-ins and 256 others): further
+    /// connections would only hold their buffers.
+    pub http_max_connections: usize,
 }
 
 /// Environment prefixes whose `_CLIENT_ID` / `_CLIENT_SECRET` are read at start-up.
@@ -272,6 +278,13 @@ impl Config {
                 1..=1_000_000,
             )?)
             .unwrap_or(256),
+            http_max_connections: usize::try_from(parse_number(
+                env,
+                "OAUTH_MAX_CONNECTIONS",
+                512,
+                1..=1_000_000,
+            )?)
+            .unwrap_or(512),
             allowed_return_urls: parse_return_urls(env)?,
             redis_url: parse_redis_url(env)?,
             log_format: parse_log_format(env)?,
@@ -837,6 +850,7 @@ mod tests {
         assert_eq!(sqlite.max_concurrent_requests, 256);
         assert_eq!(sqlite.http_idle_timeout, std::time::Duration::from_secs(75));
         assert_eq!(sqlite.http_keepalive_connections, 256);
+        assert_eq!(sqlite.http_max_connections, 512);
         assert_eq!(
             sqlite.audit_hand_out_window,
             std::time::Duration::from_secs(1)
@@ -849,10 +863,12 @@ mod tests {
             ("OAUTH_MAX_CONCURRENT_REQUESTS", "1000"),
             ("OAUTH_HTTP_IDLE_TIMEOUT_SECONDS", "5"),
             ("OAUTH_HTTP_KEEPALIVE_CONNECTIONS", "10"),
+            ("OAUTH_MAX_CONNECTIONS", "2000"),
         ])
         .expect("tuned");
         assert_eq!(tuned.http_idle_timeout, std::time::Duration::from_secs(5));
         assert_eq!(tuned.http_keepalive_connections, 10);
+        assert_eq!(tuned.http_max_connections, 2000);
         assert_eq!(tuned.database_pool.max_connections, 32);
         assert!(tuned.audit_hand_out_window.is_zero());
         assert_eq!(tuned.max_concurrent_requests, 1000);
@@ -862,6 +878,7 @@ mod tests {
             ("OAUTH_MAX_CONCURRENT_REQUESTS", "0"),
             ("OAUTH_HTTP_IDLE_TIMEOUT_SECONDS", "0"),
             ("OAUTH_HTTP_KEEPALIVE_CONNECTIONS", "0"),
+            ("OAUTH_MAX_CONNECTIONS", "0"),
         ] {
             assert_eq!(invalid_var(load(&[(var, value)])), var);
         }

@@ -158,8 +158,7 @@ fn load_config() -> anyhow::Result<Config> {
 async fn serve(config: Config, clock: SharedClock) -> anyhow::Result<()> {
     let addr = config.listen_addr;
     let application = Application::build(config, clock).await?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let listener = oauth_manager::http::server::listen(addr)
         .with_context(|| format!("cannot listen on {addr} (OAUTH_LISTEN_ADDR)"))?;
     tracing::info!(address = %listener.local_addr()?, "oauth-manager listening");
     application.serve(listener, app::shutdown_signal()).await?;
@@ -211,8 +210,7 @@ async fn run_dev(dir: &std::path::Path, clock: SharedClock) -> anyhow::Result<()
         );
     }
     let application = Application::build(config, clock.clone()).await?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let listener = oauth_manager::http::server::listen(addr)
         .with_context(|| format!("cannot listen on {addr} (set OAUTH_LISTEN_ADDR)"))?;
     let base = format!("http://{}", listener.local_addr()?);
     let user_token = secrets.mint_token("dev-user", &["user"], clock.now())?;

@@ -11,7 +11,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use axum::body::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::{handshake, SendRequest};
-use hyper::header::{AUTHORIZATION, HOST};
+use hyper::header::{AUTHORIZATION, CONNECTION, HOST};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use reqwest::header::HeaderValue;
@@ -60,6 +60,9 @@ impl Target {
 /// One keep-alive connection to the target's server.
 pub struct Connection {
     sender: SendRequest<Empty<Bytes>>,
+    /// The last response said `Connection: close` (the service at its connection limit): as
+    /// any HTTP client does, the caller opens a new connection for its next request.
+    closing: bool,
 }
 
 impl Connection {
@@ -74,7 +77,10 @@ impl Connection {
             .await
             .map_err(|err| format!("handshake: {err}"))?;
         tokio::spawn(connection);
-        Ok(Self { sender })
+        Ok(Self {
+            sender,
+            closing: false,
+        })
     }
 
     /// `GET path` with an optional `Authorization`; the status and the whole body.
@@ -101,6 +107,10 @@ impl Connection {
             .await
             .map_err(|err| format!("request: {err}"))?;
         let status = response.status();
+        self.closing = response
+            .headers()
+            .get(CONNECTION)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"close"));
         let body = response
             .into_body()
             .collect()
@@ -108,5 +118,10 @@ impl Connection {
             .map_err(|err| format!("body: {err}"))?
             .to_bytes();
         Ok((status, body))
+    }
+
+    /// The service closes this connection after the response just read.
+    pub fn is_closing(&self) -> bool {
+        self.closing
     }
 }

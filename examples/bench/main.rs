@@ -82,8 +82,8 @@ const USAGE: &str = "usage: cargo run --release --example bench -- [options]
                            given by --postgres-url or TEST_DATABASE_URL, else sqlite)
   --postgres-url URL       PostgreSQL server; a fresh database is created and dropped
 
-Environment: OAUTH_DATABASE_MAX_CONNECTIONS and OAUTH_MAX_CONCURRENT_REQUESTS, when set, reach
-the benchmarked service; LD_PRELOAD and MALLOC_*/MIMALLOC_* also reach the fleet's `serve`.";
+Environment: OAUTH_DATABASE_MAX_CONNECTIONS, OAUTH_MAX_CONCURRENT_REQUESTS and
+OAUTH_MAX_CONNECTIONS, when set, reach the benchmarked service; LD_PRELOAD and MALLOC_*/MIMALLOC_* also reach the fleet's `serve`.";
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -388,6 +388,7 @@ fn random_string(length: usize) -> String {
 const PASSED_SETTINGS: &[&str] = &[
     "OAUTH_DATABASE_MAX_CONNECTIONS",
     "OAUTH_MAX_CONCURRENT_REQUESTS",
+    "OAUTH_MAX_CONNECTIONS",
 ];
 
 async fn start_service(database_url: &str, fake: &FakeProvider) -> anyhow::Result<Service> {
@@ -424,7 +425,7 @@ async fn start_service(database_url: &str, fake: &FakeProvider) -> anyhow::Resul
             let application = Application::build(config, Arc::new(SystemClock))
                 .await
                 .map_err(|err| anyhow!("the service does not start: {err}"))?;
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let listener = oauth_manager::http::server::listen(([127, 0, 0, 1], 0).into())?;
             let address = format!("http://{}", listener.local_addr()?);
             let state = application.state.clone();
             let server = tokio::spawn(application.serve(listener, async {
@@ -811,8 +812,9 @@ async fn closed_loop(
     total.close(cpu_start, start.elapsed())
 }
 
-/// One request on `connection`, opening it first if there is none; a connection that failed
-/// is dropped (the next request opens a new one).
+/// One request on `connection`, opening it first if there is none; a connection that failed,
+/// or that the service closes after this response, is dropped (the next request opens a new
+/// one).
 async fn request_on(
     connection: &mut Option<load::Connection>,
     target: &load::Target,
@@ -824,7 +826,7 @@ async fn request_on(
         None => connection.insert(load::Connection::open(target.address).await?),
     };
     let result = open.get(target, path, auth).await;
-    if result.is_err() {
+    if result.is_err() || open.is_closing() {
         *connection = None;
     }
     result
@@ -1046,10 +1048,13 @@ async fn refresh_storm(
     for _ in 0..callers {
         let (target, gate) = (target.clone(), gate.clone());
         warm.spawn(async move {
-            let mut connection = load::Connection::open(target.address).await?;
+            let mut connection = Some(load::Connection::open(target.address).await?);
             gate.wait().await;
-            let (status, body) = connection.get(&target, &target.paths[1], None).await?;
+            let (status, body) =
+                request_on(&mut connection, &target, &target.paths[1], None).await?;
             check(Expect::Healthz, status, &body)?;
+            // Beyond the service's connection limit a caller's connection closes after the
+            // warm-up: it connects again in the storm, as a real client would.
             Ok::<_, String>(connection)
         });
     }
@@ -1078,8 +1083,7 @@ async fn refresh_storm(
         tasks.spawn(async move {
             gate.wait().await;
             let began = Instant::now();
-            let result = connection
-                .get(&target, &target.paths[0], Some(&auth))
+            let result = request_on(&mut connection, &target, &target.paths[0], Some(&auth))
                 .await
                 .and_then(|(status, body)| {
                     check(Expect::Token, status, &body)?;

@@ -1,4 +1,5 @@
-//! The accept loop: what `axum::serve` does, plus the idle timeout it cannot set.
+//! The accept loop: what `axum::serve` does, plus the idle timeout and the connection limit it
+//! cannot set.
 //!
 //! Every client connection costs hyper about 16–24 KiB of buffers for as long as it stays open
 //! (BENCHMARKS.md, sessions 7 and 8), and under `axum::serve` a connection that never sends
@@ -6,6 +7,8 @@
 //! open for ever. Here hyper's header-read timeout is set: a connection without a complete
 //! request head for `idle_timeout` is closed, whether it is idle between requests or trickling
 //! its headers in. Requests in progress are not limited by it (the 30 s request timeout is).
+//! And at most `max_connections` are open: beyond the requests the service handles at once,
+//! more connections would only hold buffers (see [`ConnectionSettings::max_connections`]).
 //!
 //! Half-close mode: while a request is being handled, hyper does not read the connection to
 //! notice that the client went away. A handler therefore runs to its end even when the browser
@@ -17,24 +20,25 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
+use axum::http::{header, HeaderValue};
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1::Builder;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
 /// The idle timeout of a connection opened while `keepalive_connections` or more are open.
 pub const BUSY_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long client connections may stay idle.
+/// How many client connections may be open, and for how long they may stay idle.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionSettings {
     /// `OAUTH_HTTP_IDLE_TIMEOUT_SECONDS`.
@@ -45,6 +49,33 @@ pub struct ConnectionSettings {
     /// hyper's buffers each for the whole idle timeout (BENCHMARKS.md, session 9); Nginx, short
     /// of connections, closes idle keep-alive ones likewise.
     pub keepalive_connections: usize,
+    /// `OAUTH_MAX_CONNECTIONS`: connections open at once. When a client connects while this
+    /// many are open, every open connection closes after its next response (which says
+    /// `Connection: close`) and the client waits for the first free place, further ones in
+    /// the listen backlog: none is refused. Idle connections are not cut (a client may be
+    /// sending on one); they make room at their idle timeout. More connections than requests
+    /// the service handles at once would only hold buffers (BENCHMARKS.md, session 12).
+    pub max_connections: usize,
+}
+
+/// The listen backlog asked for; Linux caps it at `net.core.somaxconn` (4096 by default).
+/// Clients beyond `max_connections` wait in it: with tokio's default of 128, a crowd of them
+/// overflowed it and their connection attempts were retried by TCP a second later
+/// (BENCHMARKS.md, session 12).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`], as `TcpListener::bind` otherwise makes it
+/// (address reuse on Unix, so a restart need not wait for old connections' `TIME_WAIT`).
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then waits for the connections
@@ -58,39 +89,35 @@ pub async fn serve(
 ) {
     let calm = http1(settings.idle_timeout);
     let busy = http1(settings.idle_timeout.min(BUSY_IDLE_TIMEOUT));
-    let open = Arc::new(AtomicUsize::new(0));
-    let connections = GracefulShutdown::new();
+    let slots = ConnectionSlots::new(settings.max_connections);
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = accept(&listener) => accepted,
+        let (slot, stream, peer) = tokio::select! {
+            next = slots.next_connection(&listener) => match next {
+                Some(next) => next,
+                None => break,
+            },
             () = &mut shutdown => break,
         };
-        let counted = OpenConnection::count(&open);
-        let builder = if counted.others >= settings.keepalive_connections {
+        let builder = if slots.open() > settings.keepalive_connections {
             &busy
         } else {
             &calm
         };
-        let router =
-            router
-                .clone()
-                .map_request(move |mut request: axum::http::Request<Incoming>| {
-                    request.extensions_mut().insert(ConnectInfo(peer));
-                    request
-                });
+        let room_wanted = slots.room_wanted.subscribe();
+        let router = router
+            .clone()
+            .map_request(move |mut request: axum::http::Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request
+            })
+            .map_response(move |response| close_if_room_wanted(&room_wanted, response));
         let connection =
             builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
-        let connection = connections.watch(connection);
-        tokio::spawn(async move {
-            let _counted = counted;
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, %peer, "connection ended with an error");
-            }
-        });
+        tokio::spawn(serve_connection(connection, slot, peer));
     }
     drop(listener);
-    connections.shutdown().await;
+    slots.close_all().await;
 }
 
 /// HTTP/1.1 only, as under `axum::serve` with axum's default features.
@@ -103,26 +130,105 @@ fn http1(idle_timeout: Duration) -> Builder {
     builder
 }
 
-/// One open connection in the count, for as long as this lives.
-struct OpenConnection {
-    open: Arc<AtomicUsize>,
-    /// Connections that were open when this one was counted.
-    others: usize,
+/// `Connection: close` on the response once a client waits for a place: the client learns
+/// from the response itself that the connection ends, so nothing it sends next is lost (closing
+/// an idle keep-alive connection instead races with the client's next request on it, which
+/// then fails: hundreds of failed sign-ins in a burst of 1,000, BENCHMARKS.md session 12).
+fn close_if_room_wanted(
+    room_wanted: &watch::Receiver<()>,
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    if room_wanted.has_changed().unwrap_or(true) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
-impl OpenConnection {
-    fn count(open: &Arc<AtomicUsize>) -> Self {
-        let others = open.fetch_add(1, Ordering::Relaxed);
-        Self {
-            open: open.clone(),
-            others,
+/// Drives one connection until it ends; at shutdown lets it finish the request in progress
+/// first (an idle one closes at once). Gives its slot back at the end.
+async fn serve_connection<C>(connection: C, mut slot: Slot, peer: SocketAddr)
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    tokio::pin!(connection);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        _ = slot.shutdown.changed() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
         }
+    };
+    if let Err(err) = ended {
+        tracing::debug!(error = %err, %peer, "connection ended with an error");
     }
 }
 
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
+/// The open connections: at most their number at once; the signal that a client waits for a
+/// place, and the one that the service shuts down.
+struct ConnectionSlots {
+    max: usize,
+    free: Arc<Semaphore>,
+    room_wanted: watch::Sender<()>,
+    shutdown: watch::Sender<()>,
+}
+
+/// One open connection's place; it is given back when this is dropped.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    shutdown: watch::Receiver<()>,
+}
+
+impl ConnectionSlots {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            free: Arc::new(Semaphore::new(max)),
+            room_wanted: watch::Sender::new(()),
+            shutdown: watch::Sender::new(()),
+        }
+    }
+
+    /// Connections open now.
+    fn open(&self) -> usize {
+        self.max.saturating_sub(self.free.available_permits())
+    }
+
+    /// The next connection and its slot. With none free, has every open connection close
+    /// after its next response and waits for the first to do so (or to reach its idle
+    /// timeout); meanwhile the accepted socket waits without buffers, and further clients wait
+    /// in the listen backlog.
+    async fn next_connection(
+        &self,
+        listener: &TcpListener,
+    ) -> Option<(Slot, TcpStream, SocketAddr)> {
+        let (stream, peer) = accept(listener).await;
+        let permit = match self.free.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                tracing::debug!(
+                    open = self.max,
+                    "connection limit reached: open connections close after their next response"
+                );
+                self.room_wanted.send_replace(());
+                self.free.clone().acquire_owned().await.ok()?
+            }
+        };
+        let slot = Slot {
+            _permit: permit,
+            shutdown: self.shutdown.subscribe(),
+        };
+        Some((slot, stream, peer))
+    }
+
+    /// Asks every connection to close after its request in progress (idle ones at once) and
+    /// waits until all are closed.
+    async fn close_all(&self) {
+        self.shutdown.send_replace(());
+        let all = u32::try_from(self.max).unwrap_or(u32::MAX);
+        let _ = self.free.acquire_many(all).await;
     }
 }
 
@@ -153,4 +259,34 @@ fn is_connection_error(err: &std::io::Error) -> bool {
             | std::io::ErrorKind::ConnectionAborted
             | std::io::ErrorKind::ConnectionReset
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Clients beyond the connection limit wait in the listen backlog. With tokio's default of
+    /// 128 those beyond it lose their handshake and TCP retries it only a second later.
+    #[tokio::test]
+    async fn the_listen_backlog_holds_hundreds_of_waiting_clients() {
+        let listener = listen(([127, 0, 0, 1], 0).into()).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let clients: Vec<_> = (0..600)
+            .map(|_| {
+                tokio::spawn(tokio::time::timeout(
+                    Duration::from_millis(900),
+                    TcpStream::connect(addr),
+                ))
+            })
+            .collect();
+        let mut connected = Vec::new();
+        for client in clients {
+            if let Ok(Ok(Ok(stream))) = client.await {
+                connected.push(stream);
+            }
+        }
+        // Nothing was accepted: all 600 wait in the backlog.
+        assert_eq!(connected.len(), 600);
+        drop(listener);
+    }
 }

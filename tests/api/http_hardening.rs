@@ -510,3 +510,100 @@ async fn read_answers(stream: &mut tokio::net::TcpStream, count: usize) -> (usiz
     }
     (answers(&received), received)
 }
+
+/// `OAUTH_MAX_CONNECTIONS`: at the limit, keep-alive goes on while no one waits. A client that
+/// connects then waits for a place; the open connections close after their next response,
+/// which says `Connection: close` (an idle connection is not cut: its client may be sending on
+/// it), and the waiting client is served in the place freed.
+#[tokio::test]
+async fn at_the_connection_limit_connections_close_after_their_next_response_to_make_room() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(&[("OAUTH_MAX_CONNECTIONS", "2")]).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    let closes = |answer: &[u8]| {
+        String::from_utf8_lossy(answer)
+            .to_ascii_lowercase()
+            .contains("connection: close")
+    };
+    let mut first = connect_and_send(&address, request.as_bytes()).await;
+    let mut second = connect_and_send(&address, request.as_bytes()).await;
+    assert_eq!(read_answers(&mut first, 1).await.0, 1);
+    assert_eq!(read_answers(&mut second, 1).await.0, 1);
+    first.write_all(request.as_bytes()).await.expect("kept");
+    let (answers, answer) = read_answers(&mut first, 1).await;
+    assert_eq!(answers, 1, "answered on the kept connection");
+    assert!(!closes(&answer), "no one waits, yet: {answer:?}");
+
+    let mut third = connect_and_send(&address, request.as_bytes()).await;
+    let mut early = [0u8; 64];
+    let served_early = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::io::AsyncReadExt::read(&mut third, &mut early),
+    )
+    .await;
+    assert!(served_early.is_err(), "served beyond the limit");
+    first.write_all(request.as_bytes()).await.expect("kept");
+    let (answer, _) = read_until_closed(&mut first, Duration::from_secs(5)).await;
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    assert!(closes(&answer), "{:?}", String::from_utf8_lossy(&answer));
+    assert_eq!(
+        read_answers(&mut third, 1).await.0,
+        1,
+        "served in the freed place"
+    );
+    // The other connection, idle all along, was not cut.
+    second
+        .write_all(request.as_bytes())
+        .await
+        .expect("still open");
+    let (answers, answer) = read_answers(&mut second, 1).await;
+    assert_eq!(answers, 1);
+    assert!(closes(&answer), "it closes after this response");
+}
+
+/// At the limit, a connection with a request in progress is not cut: it is answered, then
+/// closed, and only then does the waiting client get its place.
+#[tokio::test]
+async fn at_the_connection_limit_a_request_in_progress_is_answered_before_its_connection_closes() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(&[("OAUTH_MAX_CONNECTIONS", "1")]).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let token = app.token("alice", &["user"]);
+    let head = format!(
+        "POST /api/v1/oauth/providers/google/authorize HTTP/1.1\r\nHost: {address}\r\n\
+         Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Content-Length: 2\r\n\r\n{{"
+    );
+    let mut busy = connect_and_send(&address, head.as_bytes()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let healthz = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    let mut waiting = connect_and_send(&address, healthz.as_bytes()).await;
+    let mut early = [0u8; 64];
+    let waited = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::io::AsyncReadExt::read(&mut waiting, &mut early),
+    )
+    .await;
+    assert!(
+        waited.is_err(),
+        "served while the limit's only connection was busy"
+    );
+
+    busy.write_all(b"}").await.expect("the rest of the body");
+    let (answered, _) = read_until_closed(&mut busy, Duration::from_secs(5)).await;
+    let answered = String::from_utf8_lossy(&answered);
+    assert!(
+        answered.starts_with("HTTP/1.1 "),
+        "not answered: {answered:?}"
+    );
+    assert!(
+        answered.to_ascii_lowercase().contains("connection: close"),
+        "{answered}"
+    );
+    assert_eq!(
+        read_answers(&mut waiting, 1).await.0,
+        1,
+        "then the waiting client is served"
+    );
+}
