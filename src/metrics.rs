@@ -14,6 +14,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const HTTP_REQUESTS: &str = "http_requests_total";
 pub const HTTP_DURATION: &str = "http_request_duration_seconds";
 pub const RATE_LIMITED: &str = "http_rate_limited_total";
+pub const CONNECTION_LIMIT_WAITS: &str = "http_connection_limit_waits_total";
 pub const REFRESHES: &str = "oauth_refreshes_total";
 pub const SINGLE_FLIGHT_WAITS: &str = "oauth_refresh_single_flight_waits_total";
 pub const WORKER_DUE_REFRESHES: &str = "oauth_worker_due_refreshes";
@@ -69,6 +70,10 @@ fn describe() {
         "Requests refused with 429 by route class and key kind (user or ip)"
     );
     metrics::describe_counter!(
+        CONNECTION_LIMIT_WAITS,
+        "Client connections that found OAUTH_MAX_CONNECTIONS open and waited for a place"
+    );
+    metrics::describe_counter!(
         REFRESHES,
         "Token refreshes at the provider by provider and outcome (success or the failure class)"
     );
@@ -109,6 +114,11 @@ pub fn single_flight_lock<T>(lock: &std::sync::Arc<T>) {
 /// A request was refused with 429.
 pub fn rate_limited(class: &'static str, by: &'static str) {
     metrics::counter!(RATE_LIMITED, "class" => class, "by" => by).increment(1);
+}
+
+/// A client connection found the connection limit reached and waits for a place.
+pub fn connection_limit_wait() {
+    metrics::counter!(CONNECTION_LIMIT_WAITS).increment(1);
 }
 
 /// Integrations the worker found due for refresh at a tick.

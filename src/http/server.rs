@@ -212,6 +212,7 @@ impl ConnectionSlots {
                     open = self.max,
                     "connection limit reached: open connections close after their next response"
                 );
+                crate::metrics::connection_limit_wait();
                 self.room_wanted.send_replace(());
                 self.free.clone().acquire_owned().await.ok()?
             }

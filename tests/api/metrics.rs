@@ -164,3 +164,39 @@ async fn failed_refreshes_are_counted_by_their_class() {
     let after = value(&scrape(&app).await, "oauth_refreshes_total", &labels);
     assert!(after > before, "{before} -> {after}");
 }
+
+/// A client that finds `OAUTH_MAX_CONNECTIONS` open is counted as it starts to wait.
+#[tokio::test]
+async fn connections_that_wait_at_the_connection_limit_are_counted() {
+    let app = crate::support::spawn_app_with(&[
+        ("OAUTH_METRICS_ADDR", "127.0.0.1:0"),
+        ("OAUTH_MAX_CONNECTIONS", "1"),
+    ])
+    .await;
+    let before = value(
+        &scrape(&app).await,
+        "http_connection_limit_waits_total",
+        &[],
+    );
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let open = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("first");
+    let waiting = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("second");
+    let deadline = tokio::time::Instant::now() + StdDuration::from_secs(10);
+    loop {
+        let now = value(
+            &scrape(&app).await,
+            "http_connection_limit_waits_total",
+            &[],
+        );
+        if now > before {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not counted: {now}");
+        tokio::time::sleep(StdDuration::from_millis(50)).await;
+    }
+    drop((open, waiting));
+}
