@@ -261,30 +261,22 @@ impl Config {
             rate_limits: parse_rate_limits(env)?,
             cors_allowed_origins: parse_cors_origins(env)?,
             metrics_addr: parse_metrics_addr(env)?,
-            max_concurrent_requests: usize::try_from(parse_number(
+            max_concurrent_requests: parse_count(
                 env,
                 "OAUTH_MAX_CONCURRENT_REQUESTS",
                 256,
                 1..=100_000,
-            )?)
-            .unwrap_or(256),
+            )?,
             http_idle_timeout: std::time::Duration::from_secs(
                 parse_number(env, "OAUTH_HTTP_IDLE_TIMEOUT_SECONDS", 75, 1..=3600)?.unsigned_abs(),
             ),
-            http_keepalive_connections: usize::try_from(parse_number(
+            http_keepalive_connections: parse_count(
                 env,
                 "OAUTH_HTTP_KEEPALIVE_CONNECTIONS",
                 256,
                 1..=1_000_000,
-            )?)
-            .unwrap_or(256),
-            http_max_connections: usize::try_from(parse_number(
-                env,
-                "OAUTH_MAX_CONNECTIONS",
-                512,
-                1..=1_000_000,
-            )?)
-            .unwrap_or(512),
+            )?,
+            http_max_connections: parse_count(env, "OAUTH_MAX_CONNECTIONS", 512, 1..=1_000_000)?,
             allowed_return_urls: parse_return_urls(env)?,
             redis_url: parse_redis_url(env)?,
             log_format: parse_log_format(env)?,
@@ -682,6 +674,19 @@ fn parse_number(
             ),
         )),
     }
+}
+
+/// [`parse_number`] for a count: bounds that fit a `usize` (at most 1,000,000 here).
+fn parse_count(
+    env: &Env<'_>,
+    var: &str,
+    default: u32,
+    range: std::ops::RangeInclusive<u32>,
+) -> Result<usize, ConfigError> {
+    let range = i64::from(*range.start())..=i64::from(*range.end());
+    let value = parse_number(env, var, i64::from(default), range)?;
+    // In range, so non-negative and at most u32::MAX: the conversion cannot fail.
+    Ok(usize::try_from(value).unwrap_or(0))
 }
 
 fn parse_lifecycle(env: &Env<'_>) -> Result<LifecycleSettings, ConfigError> {
