@@ -18,8 +18,10 @@
 //! still held by the request's headers: 7–8 MiB under a burst of 1,000 connections
 //! (BENCHMARKS.md, session 9). Every handler is bounded by the request timeout all the same.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +34,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tower::ServiceExt;
 
 /// The idle timeout of a connection opened while `keepalive_connections` or more are open.
@@ -49,12 +51,12 @@ pub struct ConnectionSettings {
     /// hyper's buffers each for the whole idle timeout (BENCHMARKS.md, session 9); Nginx, short
     /// of connections, closes idle keep-alive ones likewise.
     pub keepalive_connections: usize,
-    /// `OAUTH_MAX_CONNECTIONS`: connections open at once. When a client connects while this
-    /// many are open, every open connection closes after its next response (which says
-    /// `Connection: close`) and the client waits for the first free place, further ones in
-    /// the listen backlog: none is refused. Idle connections are not cut (a client may be
-    /// sending on one); they make room at their idle timeout. More connections than requests
-    /// the service handles at once would only hold buffers (BENCHMARKS.md, session 12).
+    /// `OAUTH_MAX_CONNECTIONS`: connections open at once. A client that connects while this
+    /// many are open waits for a place (none is refused), and for each waiting client one
+    /// open connection closes after its next response, which says `Connection: close`. Idle
+    /// connections are not cut (a client may be sending on one); they make room at their idle
+    /// timeout. More connections than requests the service handles at once would only hold
+    /// buffers (BENCHMARKS.md, session 12).
     pub max_connections: usize,
 }
 
@@ -89,7 +91,7 @@ pub async fn serve(
 ) {
     let calm = http1(settings.idle_timeout);
     let busy = http1(settings.idle_timeout.min(BUSY_IDLE_TIMEOUT));
-    let slots = ConnectionSlots::new(settings.max_connections);
+    let mut slots = ConnectionSlots::new(settings.max_connections);
     tokio::pin!(shutdown);
     loop {
         let (slot, stream, peer) = tokio::select! {
@@ -104,14 +106,14 @@ pub async fn serve(
         } else {
             &calm
         };
-        let room_wanted = slots.room_wanted.subscribe();
+        let place = slot.place.clone();
         let router = router
             .clone()
             .map_request(move |mut request: axum::http::Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request
             })
-            .map_response(move |response| close_if_room_wanted(&room_wanted, response));
+            .map_response(move |response| place.close_if_room_wanted(response));
         let connection =
             builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
         tokio::spawn(serve_connection(connection, slot, peer));
@@ -128,22 +130,6 @@ fn http1(idle_timeout: Duration) -> Builder {
         .header_read_timeout(idle_timeout)
         .half_close(true);
     builder
-}
-
-/// `Connection: close` on the response once a client waits for a place: the client learns
-/// from the response itself that the connection ends, so nothing it sends next is lost (closing
-/// an idle keep-alive connection instead races with the client's next request on it, which
-/// then fails: hundreds of failed sign-ins in a burst of 1,000, BENCHMARKS.md session 12).
-fn close_if_room_wanted(
-    room_wanted: &watch::Receiver<()>,
-    mut response: axum::response::Response,
-) -> axum::response::Response {
-    if room_wanted.has_changed().unwrap_or(true) {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
 }
 
 /// Drives one connection until it ends; at shutdown lets it finish the request in progress
@@ -166,19 +152,87 @@ where
     }
 }
 
-/// The open connections: at most their number at once; the signal that a client waits for a
-/// place, and the one that the service shuts down.
+/// Clients accepted while every place was taken wait here, at most this many; further ones
+/// wait in the listen backlog. Each holds a socket and nothing of hyper's yet.
+const MAX_WAITING: usize = 256;
+
+/// The open connections: at most their number at once; the clients waiting for a place; the
+/// signal that the service shuts down.
 struct ConnectionSlots {
     max: usize,
     free: Arc<Semaphore>,
-    room_wanted: watch::Sender<()>,
+    /// In the order they came; only the accept loop touches it.
+    waiting: VecDeque<(TcpStream, SocketAddr)>,
+    room: Arc<Room>,
     shutdown: watch::Sender<()>,
 }
 
-/// One open connection's place; it is given back when this is dropped.
+/// How many waiting clients still need an open connection to close for them.
+///
+/// Each response marked `Connection: close` promises its place to one waiting client, so
+/// a crowd of N waiting clients closes N connections, not every open one (which made every
+/// client of a full service connect again: BENCHMARKS.md, session 13).
+#[derive(Default)]
+struct Room {
+    /// Waiting clients without a promised place.
+    wanted: AtomicUsize,
+}
+
+impl Room {
+    /// Takes one wanted place, if any: the caller's connection closes to make it.
+    fn promise(&self) -> bool {
+        self.wanted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |wanted| {
+                wanted.checked_sub(1)
+            })
+            .is_ok()
+    }
+}
+
+/// One open connection's place; given back when this is dropped.
 struct Slot {
+    place: Arc<Place>,
     _permit: OwnedSemaphorePermit,
     shutdown: watch::Receiver<()>,
+}
+
+/// What a connection's responses and its end share.
+struct Place {
+    room: Arc<Room>,
+    /// This connection's place is promised to a waiting client (its last response said
+    /// `Connection: close`).
+    promised: AtomicBool,
+}
+
+impl Place {
+    /// `Connection: close` on the response when a client waits for a place: the client learns
+    /// from the response itself that the connection ends, so nothing it sends next is lost
+    /// (closing an idle keep-alive connection instead races with the client's next request on
+    /// it, which then fails: hundreds of failed sign-ins in a burst of 1,000, BENCHMARKS.md
+    /// session 12).
+    fn close_if_room_wanted(
+        &self,
+        mut response: axum::response::Response,
+    ) -> axum::response::Response {
+        if !self.promised.load(Ordering::Acquire) && self.room.promise() {
+            self.promised.store(true, Ordering::Release);
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+impl Drop for Slot {
+    /// A connection that ends unasked (its client closed it, its idle timeout) gives its
+    /// place to a waiting client that was counted as wanting one: one fewer must close. (The
+    /// permit is released after this, when the fields drop.)
+    fn drop(&mut self) {
+        if !self.place.promised.load(Ordering::Acquire) {
+            self.place.room.promise();
+        }
+    }
 }
 
 impl ConnectionSlots {
@@ -186,7 +240,8 @@ impl ConnectionSlots {
         Self {
             max,
             free: Arc::new(Semaphore::new(max)),
-            room_wanted: watch::Sender::new(()),
+            waiting: VecDeque::new(),
+            room: Arc::default(),
             shutdown: watch::Sender::new(()),
         }
     }
@@ -196,37 +251,63 @@ impl ConnectionSlots {
         self.max.saturating_sub(self.free.available_permits())
     }
 
-    /// The next connection and its slot. With none free, has every open connection close
-    /// after its next response and waits for the first to do so (or to reach its idle
-    /// timeout); meanwhile the accepted socket waits without buffers, and further clients wait
-    /// in the listen backlog.
+    /// The next connection and its slot: the first waiting client's once a place is free,
+    /// else a newly accepted one. A client that finds every place taken waits, and one open
+    /// connection closes after its next response to make room for it. Cancel-safe: the
+    /// waiting clients stay in `self`.
     async fn next_connection(
-        &self,
+        &mut self,
         listener: &TcpListener,
     ) -> Option<(Slot, TcpStream, SocketAddr)> {
-        let (stream, peer) = accept(listener).await;
-        let permit = match self.free.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                tracing::debug!(
-                    open = self.max,
-                    "connection limit reached: open connections close after their next response"
-                );
-                crate::metrics::connection_limit_wait();
-                self.room_wanted.send_replace(());
-                self.free.clone().acquire_owned().await.ok()?
+        loop {
+            if self.waiting.is_empty() {
+                let (stream, peer) = accept(listener).await;
+                match self.free.clone().try_acquire_owned() {
+                    Ok(permit) => return Some((self.slot(permit), stream, peer)),
+                    Err(TryAcquireError::Closed) => return None,
+                    Err(TryAcquireError::NoPermits) => self.wait(stream, peer),
+                }
+                continue;
             }
-        };
-        let slot = Slot {
+            let room_to_wait = self.waiting.len() < MAX_WAITING;
+            tokio::select! {
+                biased;
+                permit = self.free.clone().acquire_owned() => {
+                    let permit = permit.ok()?;
+                    let (stream, peer) = self.waiting.pop_front()?;
+                    return Some((self.slot(permit), stream, peer));
+                }
+                (stream, peer) = accept(listener), if room_to_wait => self.wait(stream, peer),
+            }
+        }
+    }
+
+    fn wait(&mut self, stream: TcpStream, peer: SocketAddr) {
+        tracing::debug!(
+            open = self.max,
+            waiting = self.waiting.len() + 1,
+            "connection limit reached: one open connection closes after its next response"
+        );
+        crate::metrics::connection_limit_wait();
+        self.waiting.push_back((stream, peer));
+        self.room.wanted.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
+        Slot {
+            place: Arc::new(Place {
+                room: self.room.clone(),
+                promised: AtomicBool::new(false),
+            }),
             _permit: permit,
             shutdown: self.shutdown.subscribe(),
-        };
-        Some((slot, stream, peer))
+        }
     }
 
     /// Asks every connection to close after its request in progress (idle ones at once) and
-    /// waits until all are closed.
-    async fn close_all(&self) {
+    /// waits until all are closed. Clients still waiting for a place are closed unserved.
+    async fn close_all(&mut self) {
+        self.waiting.clear();
         self.shutdown.send_replace(());
         let all = u32::try_from(self.max).unwrap_or(u32::MAX);
         let _ = self.free.acquire_many(all).await;

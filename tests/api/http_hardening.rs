@@ -500,20 +500,16 @@ async fn read_answers(stream: &mut tokio::net::TcpStream, count: usize) -> (usiz
 }
 
 /// `OAUTH_MAX_CONNECTIONS`: at the limit, keep-alive goes on while no one waits. A client that
-/// connects then waits for a place; the open connections close after their next response,
-/// which says `Connection: close` (an idle connection is not cut: its client may be sending on
-/// it), and the waiting client is served in the place freed.
+/// connects then waits for a place; one open connection closes after its next response, which
+/// says `Connection: close` (an idle connection is not cut: its client may be sending on it),
+/// and the waiting client is served in the place freed. Nobody waits any more: the other
+/// connection stays open.
 #[tokio::test]
 async fn at_the_connection_limit_connections_close_after_their_next_response_to_make_room() {
     use tokio::io::AsyncWriteExt;
     let app = spawn_app_with(&[("OAUTH_MAX_CONNECTIONS", "2")]).await;
     let address = app.address.trim_start_matches("http://").to_owned();
     let request = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
-    let closes = |answer: &[u8]| {
-        String::from_utf8_lossy(answer)
-            .to_ascii_lowercase()
-            .contains("connection: close")
-    };
     let mut first = connect_and_send(&address, request.as_bytes()).await;
     let mut second = connect_and_send(&address, request.as_bytes()).await;
     assert_eq!(read_answers(&mut first, 1).await.0, 1);
@@ -521,7 +517,7 @@ async fn at_the_connection_limit_connections_close_after_their_next_response_to_
     first.write_all(request.as_bytes()).await.expect("kept");
     let (answers, answer) = read_answers(&mut first, 1).await;
     assert_eq!(answers, 1, "answered on the kept connection");
-    assert!(!closes(&answer), "no one waits, yet: {answer:?}");
+    assert!(!says_close(&answer), "no one waits, yet: {answer:?}");
 
     let mut third = connect_and_send(&address, request.as_bytes()).await;
     assert!(
@@ -531,20 +527,95 @@ async fn at_the_connection_limit_connections_close_after_their_next_response_to_
     first.write_all(request.as_bytes()).await.expect("kept");
     let (answer, _) = read_until_closed(&mut first, Duration::from_secs(5)).await;
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
-    assert!(closes(&answer), "{:?}", String::from_utf8_lossy(&answer));
+    assert!(
+        says_close(&answer),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
     assert_eq!(
         read_answers(&mut third, 1).await.0,
         1,
         "served in the freed place"
     );
-    // The other connection, idle all along, was not cut.
+    // The other connection, idle all along, was not cut, and with nobody waiting any more it
+    // is kept.
     second
         .write_all(request.as_bytes())
         .await
         .expect("still open");
     let (answers, answer) = read_answers(&mut second, 1).await;
     assert_eq!(answers, 1);
-    assert!(closes(&answer), "it closes after this response");
+    assert!(!says_close(&answer), "closed with nobody waiting");
+}
+
+/// For each waiting client one open connection closes, not every open one: a crowd beyond
+/// the limit would otherwise make every client of a full service connect again.
+#[tokio::test]
+async fn at_the_connection_limit_as_many_connections_close_as_clients_wait() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(&[("OAUTH_MAX_CONNECTIONS", "3")]).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut stream = connect_and_send(&address, request.as_bytes()).await;
+        assert_eq!(read_answers(&mut stream, 1).await.0, 1);
+        open.push(stream);
+    }
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let mut stream = connect_and_send(&address, request.as_bytes()).await;
+        assert!(!answered_within_half_a_second(&mut stream).await);
+        waiting.push(stream);
+    }
+    // Whichever responses go out first make the room: the first waiting client, once served,
+    // may close for the second as well as an open connection.
+    let mut closed = 0;
+    for stream in &mut open {
+        stream.write_all(request.as_bytes()).await.expect("open");
+        let (answers, answer) = read_answers(stream, 1).await;
+        assert_eq!(answers, 1);
+        closed += usize::from(says_close(&answer));
+    }
+    for stream in &mut waiting {
+        let (answers, answer) = read_answers(stream, 1).await;
+        assert_eq!(answers, 1, "served in a freed place");
+        closed += usize::from(says_close(&answer));
+    }
+    assert_eq!(closed, 2, "one close per waiting client");
+}
+
+/// A connection its client closes makes room by itself: the client waiting for that place
+/// needs no other connection to close.
+#[tokio::test]
+async fn at_the_connection_limit_a_connection_its_client_closes_makes_the_room() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(&[("OAUTH_MAX_CONNECTIONS", "2")]).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    let mut kept = connect_and_send(&address, request.as_bytes()).await;
+    let mut leaving = connect_and_send(&address, request.as_bytes()).await;
+    assert_eq!(read_answers(&mut kept, 1).await.0, 1);
+    assert_eq!(read_answers(&mut leaving, 1).await.0, 1);
+    let mut waiting = connect_and_send(&address, request.as_bytes()).await;
+    assert!(!answered_within_half_a_second(&mut waiting).await);
+
+    drop(leaving);
+    assert_eq!(
+        read_answers(&mut waiting, 1).await.0,
+        1,
+        "served in the place its client gave up"
+    );
+    kept.write_all(request.as_bytes()).await.expect("open");
+    let (answers, answer) = read_answers(&mut kept, 1).await;
+    assert_eq!(answers, 1);
+    assert!(!says_close(&answer), "closed although nobody waits");
+}
+
+fn says_close(answer: &[u8]) -> bool {
+    String::from_utf8_lossy(answer)
+        .to_ascii_lowercase()
+        .contains("connection: close")
 }
 
 /// At the limit, a connection with a request in progress is not cut: it is answered, then
@@ -564,10 +635,7 @@ async fn at_the_connection_limit_a_request_in_progress_is_answered_before_its_co
     );
 
     let answered = finish_and_read_the_answer(&mut busy).await;
-    assert!(
-        answered.to_ascii_lowercase().contains("connection: close"),
-        "{answered}"
-    );
+    assert!(says_close(answered.as_bytes()), "{answered}");
     assert_eq!(
         read_answers(&mut waiting, 1).await.0,
         1,
