@@ -507,13 +507,9 @@ async fn read_answers(stream: &mut tokio::net::TcpStream, count: usize) -> (usiz
 #[tokio::test]
 async fn at_the_connection_limit_connections_close_after_their_next_response_to_make_room() {
     use tokio::io::AsyncWriteExt;
-    let app = spawn_app_with(&[("OAUTH_MAX_CONNECTIONS", "2")]).await;
-    let address = app.address.trim_start_matches("http://").to_owned();
-    let request = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
-    let mut first = connect_and_send(&address, request.as_bytes()).await;
-    let mut second = connect_and_send(&address, request.as_bytes()).await;
-    assert_eq!(read_answers(&mut first, 1).await.0, 1);
-    assert_eq!(read_answers(&mut second, 1).await.0, 1);
+    let full = full_service::<2>().await;
+    let (address, request) = (&full.address, &full.request);
+    let [mut first, mut second] = full.open;
     first.write_all(request.as_bytes()).await.expect("kept");
     let (answers, answer) = read_answers(&mut first, 1).await;
     assert_eq!(answers, 1, "answered on the kept connection");
@@ -553,15 +549,8 @@ async fn at_the_connection_limit_connections_close_after_their_next_response_to_
 #[tokio::test]
 async fn at_the_connection_limit_as_many_connections_close_as_clients_wait() {
     use tokio::io::AsyncWriteExt;
-    let app = spawn_app_with(&[("OAUTH_MAX_CONNECTIONS", "3")]).await;
-    let address = app.address.trim_start_matches("http://").to_owned();
-    let request = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
-    let mut open = Vec::new();
-    for _ in 0..3 {
-        let mut stream = connect_and_send(&address, request.as_bytes()).await;
-        assert_eq!(read_answers(&mut stream, 1).await.0, 1);
-        open.push(stream);
-    }
+    let mut full = full_service::<3>().await;
+    let (address, request) = (&full.address, &full.request);
     let mut waiting = Vec::new();
     for _ in 0..2 {
         let mut stream = connect_and_send(&address, request.as_bytes()).await;
@@ -571,7 +560,7 @@ async fn at_the_connection_limit_as_many_connections_close_as_clients_wait() {
     // Whichever responses go out first make the room: the first waiting client, once served,
     // may close for the second as well as an open connection.
     let mut closed = 0;
-    for stream in &mut open {
+    for stream in &mut full.open {
         stream.write_all(request.as_bytes()).await.expect("open");
         let (answers, answer) = read_answers(stream, 1).await;
         assert_eq!(answers, 1);
@@ -590,13 +579,9 @@ async fn at_the_connection_limit_as_many_connections_close_as_clients_wait() {
 #[tokio::test]
 async fn at_the_connection_limit_a_connection_its_client_closes_makes_the_room() {
     use tokio::io::AsyncWriteExt;
-    let app = spawn_app_with(&[("OAUTH_MAX_CONNECTIONS", "2")]).await;
-    let address = app.address.trim_start_matches("http://").to_owned();
-    let request = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
-    let mut kept = connect_and_send(&address, request.as_bytes()).await;
-    let mut leaving = connect_and_send(&address, request.as_bytes()).await;
-    assert_eq!(read_answers(&mut kept, 1).await.0, 1);
-    assert_eq!(read_answers(&mut leaving, 1).await.0, 1);
+    let full = full_service::<2>().await;
+    let (address, request) = (&full.address, &full.request);
+    let [mut kept, leaving] = full.open;
     let mut waiting = connect_and_send(&address, request.as_bytes()).await;
     assert!(!answered_within_half_a_second(&mut waiting).await);
 
@@ -610,6 +595,37 @@ async fn at_the_connection_limit_a_connection_its_client_closes_makes_the_room()
     let (answers, answer) = read_answers(&mut kept, 1).await;
     assert_eq!(answers, 1);
     assert!(!says_close(&answer), "closed although nobody waits");
+}
+
+/// A service at its connection limit: `LIMIT` connections open, each answered once.
+struct Full<const LIMIT: usize> {
+    /// Kept for the service to run.
+    _app: TestApp,
+    address: String,
+    /// `GET /healthz` for this service.
+    request: String,
+    open: [tokio::net::TcpStream; LIMIT],
+}
+
+async fn full_service<const LIMIT: usize>() -> Full<LIMIT> {
+    let app = spawn_app_with(&[("OAUTH_MAX_CONNECTIONS", &LIMIT.to_string())]).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    let mut open = Vec::with_capacity(LIMIT);
+    for _ in 0..LIMIT {
+        let mut stream = connect_and_send(&address, request.as_bytes()).await;
+        assert_eq!(read_answers(&mut stream, 1).await.0, 1);
+        open.push(stream);
+    }
+    let Ok(open) = open.try_into() else {
+        unreachable!("LIMIT connections were opened")
+    };
+    Full {
+        _app: app,
+        address,
+        request,
+        open,
+    }
 }
 
 fn says_close(answer: &[u8]) -> bool {
