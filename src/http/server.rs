@@ -274,8 +274,9 @@ impl ConnectionSlots {
                 biased;
                 permit = self.free.clone().acquire_owned() => {
                     let permit = permit.ok()?;
-                    let (stream, peer) = self.waiting.pop_front()?;
-                    return Some((self.slot(permit), stream, peer));
+                    if let Some((stream, peer)) = self.waiting.pop_front() {
+                        return Some((self.slot(permit), stream, peer));
+                    }
                 }
                 (stream, peer) = accept(listener), if room_to_wait => self.wait(stream, peer),
             }
