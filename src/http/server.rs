@@ -89,6 +89,7 @@ pub async fn serve(
     settings: ConnectionSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    raise_open_files_limit(settings.max_connections);
     let calm = http1(settings.idle_timeout);
     let busy = http1(settings.idle_timeout.min(BUSY_IDLE_TIMEOUT));
     let mut slots = ConnectionSlots::new(settings.max_connections);
@@ -120,6 +121,30 @@ pub async fn serve(
     }
     drop(listener);
     slots.close_all().await;
+}
+
+/// Descriptors the service may hold besides its client connections: outbound connections to
+/// providers (256 sign-ins and 128 background refreshes at once by default) and to the
+/// database, listeners, files.
+const OTHER_DESCRIPTORS: u64 = 1024;
+
+/// Raises the soft open-files limit to the hard one, as servers commonly do: every open or
+/// waiting client connection is a file descriptor, and the usual soft limit (1,024) is below
+/// what the default connection limit may need. Past the limit, accepting and outbound
+/// connections fail. Warns if the limit stays below what `max_connections` may need.
+fn raise_open_files_limit(max_connections: usize) {
+    let clients = u64::try_from(max_connections.saturating_add(MAX_WAITING)).unwrap_or(u64::MAX);
+    let wanted = clients.saturating_add(OTHER_DESCRIPTORS);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            limit,
+            wanted,
+            "the open-files limit is below what OAUTH_MAX_CONNECTIONS may need: raise it \
+             (ulimit -n, systemd LimitNOFILE=) or lower OAUTH_MAX_CONNECTIONS"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open-files limit"),
+        Err(err) => tracing::warn!(error = %err, "the open-files limit could not be raised"),
+    }
 }
 
 /// HTTP/1.1 only, as under `axum::serve` with axum's default features.
@@ -347,6 +372,21 @@ fn is_connection_error(err: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The soft open-files limit is raised to the hard one before serving.
+    #[test]
+    fn serving_raises_the_open_files_limit_to_the_hard_one() {
+        let (_, hard) = rlimit::Resource::NOFILE.get().expect("limits");
+        // One below, not lower: tests running alongside hold many sockets.
+        rlimit::Resource::NOFILE
+            .set(hard - 1, hard)
+            .expect("lower the soft limit");
+        raise_open_files_limit(512);
+        assert_eq!(
+            rlimit::Resource::NOFILE.get().expect("limits"),
+            (hard, hard)
+        );
+    }
 
     /// Clients beyond the connection limit wait in the listen backlog. With tokio's default of
     /// 128 those beyond it lose their handshake and TCP retries it only a second later.
