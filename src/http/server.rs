@@ -89,10 +89,11 @@ pub async fn serve(
     settings: ConnectionSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    raise_open_files_limit(settings.max_connections);
+    let open_files = raise_open_files_limit(settings.max_connections);
     let calm = http1(settings.idle_timeout);
     let busy = http1(settings.idle_timeout.min(BUSY_IDLE_TIMEOUT));
-    let mut slots = ConnectionSlots::new(settings.max_connections);
+    let max_waiting = waiting_room(open_files, settings.max_connections);
+    let mut slots = ConnectionSlots::new(settings.max_connections, max_waiting);
     tokio::pin!(shutdown);
     loop {
         let (slot, stream, peer) = tokio::select! {
@@ -131,12 +132,14 @@ const OTHER_DESCRIPTORS: u64 = 1024;
 /// Raises the soft open-files limit to the hard one, as servers commonly do: every open or
 /// waiting client connection is a file descriptor, and the usual soft limit (1,024) is below
 /// what the default connection limit may need. Past the limit, accepting and outbound
-/// connections fail. Warns if the limit stays below what `max_connections` may need.
-fn raise_open_files_limit(max_connections: usize) {
-    let clients = u64::try_from(max_connections.saturating_add(MAX_WAITING)).unwrap_or(u64::MAX);
+/// connections fail. Warns if the limit stays below what `max_connections` may need (with
+/// [`MIN_WAITING`] clients waiting). Returns the limit now in force, if known.
+fn raise_open_files_limit(max_connections: usize) -> Option<u64> {
+    let clients = u64::try_from(max_connections.saturating_add(MIN_WAITING)).unwrap_or(u64::MAX);
     let wanted = clients.saturating_add(OTHER_DESCRIPTORS);
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) if limit < wanted => tracing::warn!(
+    let raised = rlimit::increase_nofile_limit(u64::MAX);
+    match &raised {
+        Ok(limit) if *limit < wanted => tracing::warn!(
             limit,
             wanted,
             "the open-files limit is below what OAUTH_MAX_CONNECTIONS may need: raise it \
@@ -145,6 +148,21 @@ fn raise_open_files_limit(max_connections: usize) {
         Ok(limit) => tracing::debug!(limit, "open-files limit"),
         Err(err) => tracing::warn!(error = %err, "the open-files limit could not be raised"),
     }
+    raised.ok()
+}
+
+/// How many clients may wait for a place in the accept loop: what the open-files limit leaves
+/// after the open connections and [`OTHER_DESCRIPTORS`], between [`MIN_WAITING`] and
+/// [`MAX_WAITING`]; [`MIN_WAITING`] when the limit is unknown.
+fn waiting_room(open_files: Option<u64>, max_connections: usize) -> usize {
+    let Some(limit) = open_files else {
+        return MIN_WAITING;
+    };
+    let reserved = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(OTHER_DESCRIPTORS);
+    let spare = usize::try_from(limit.saturating_sub(reserved)).unwrap_or(usize::MAX);
+    spare.clamp(MIN_WAITING, MAX_WAITING)
 }
 
 /// HTTP/1.1 only, as under `axum::serve` with axum's default features.
@@ -177,14 +195,24 @@ where
     }
 }
 
-/// Clients accepted while every place was taken wait here, at most this many; further ones
-/// wait in the listen backlog. Each holds a socket and nothing of hyper's yet.
-const MAX_WAITING: usize = 256;
+/// Clients accepted while every place was taken wait in the accept loop, at most this many
+/// (as many as the listen backlog holds), each with a socket and nothing of hyper's yet;
+/// further ones wait in the listen backlog. Only the clients accepted are counted as waiting,
+/// and each response closes its connection only while a counted client waits: with at most
+/// 256 counted, a crowd's answers could all go out before the rest of the crowd had been
+/// taken in from the backlog, and those clients then waited for an idle connection's timeout
+/// (5 s under load) although the connections they needed had just answered (BENCHMARKS.md,
+/// session 14).
+const MAX_WAITING: usize = LISTEN_BACKLOG as usize;
+/// Clients that may wait in the accept loop whatever the open-files limit.
+const MIN_WAITING: usize = 256;
 
 /// The open connections: at most their number at once; the clients waiting for a place; the
 /// signal that the service shuts down.
 struct ConnectionSlots {
     max: usize,
+    /// Clients accepted to wait, at most ([`waiting_room`]).
+    max_waiting: usize,
     free: Arc<Semaphore>,
     /// In the order they came; only the accept loop touches it.
     waiting: VecDeque<(TcpStream, SocketAddr)>,
@@ -261,9 +289,10 @@ impl Drop for Slot {
 }
 
 impl ConnectionSlots {
-    fn new(max: usize) -> Self {
+    fn new(max: usize, max_waiting: usize) -> Self {
         Self {
             max,
+            max_waiting,
             free: Arc::new(Semaphore::new(max)),
             waiting: VecDeque::new(),
             room: Arc::default(),
@@ -294,7 +323,7 @@ impl ConnectionSlots {
                 }
                 continue;
             }
-            let room_to_wait = self.waiting.len() < MAX_WAITING;
+            let room_to_wait = self.waiting.len() < self.max_waiting;
             tokio::select! {
                 biased;
                 permit = self.free.clone().acquire_owned() => {
@@ -386,6 +415,46 @@ mod tests {
             rlimit::Resource::NOFILE.get().expect("limits"),
             (hard, hard)
         );
+    }
+
+    /// The clients that may wait in the accept loop: what the open-files limit leaves, within
+    /// bounds.
+    #[test]
+    fn the_waiting_room_is_what_the_open_files_limit_leaves() {
+        assert_eq!(waiting_room(Some(1_048_576), 512), MAX_WAITING);
+        assert_eq!(waiting_room(Some(3_000), 512), 3_000 - 512 - 1_024);
+        assert_eq!(waiting_room(Some(1_024), 512), MIN_WAITING);
+        assert_eq!(waiting_room(None, 512), MIN_WAITING);
+    }
+
+    /// Every client that connects while the places are taken is accepted and counted as
+    /// waiting, not only the first 256: an uncounted one could find that the answers which
+    /// would have closed connections for it had all gone out, and wait for an idle
+    /// connection's timeout (BENCHMARKS.md, session 14).
+    #[tokio::test]
+    async fn every_client_beyond_the_limit_is_counted_as_waiting() {
+        const CROWD: usize = 300;
+        let listener = listen(([127, 0, 0, 1], 0).into()).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let mut clients = Vec::with_capacity(CROWD + 1);
+        for _ in 0..=CROWD {
+            clients.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        let mut slots = ConnectionSlots::new(1, MAX_WAITING);
+        let first = slots
+            .next_connection(&listener)
+            .await
+            .expect("the one place");
+        // No place frees: each call accepts the clients that wait, until it is cut off.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while slots.waiting.len() < CROWD && tokio::time::Instant::now() < deadline {
+            let next =
+                tokio::time::timeout(Duration::from_millis(50), slots.next_connection(&listener));
+            assert!(next.await.is_err(), "no place was free");
+        }
+        assert_eq!(slots.waiting.len(), CROWD);
+        assert_eq!(slots.room.wanted.load(Ordering::Acquire), CROWD);
+        drop((first, clients));
     }
 
     /// Clients beyond the connection limit wait in the listen backlog. With tokio's default of
