@@ -125,8 +125,6 @@ pub async fn build_services(
             .map_err(|err| StartupError::Http(err.to_string()))
     };
     let http = client()?;
-    let lane = crate::services::lane::Lane::start(client()?)
-        .map_err(|err| StartupError::Http(format!("the refresh lane does not start: {err}")))?;
     for declared in config
         .declared_providers
         .iter_mut()
@@ -136,6 +134,8 @@ pub async fn build_services(
     }
     let providers = Arc::new(ProviderRegistry::from_config(config)?);
     let db = open_database(config).await?;
+    let lane = crate::services::lane::Lane::start(client()?, &db)
+        .map_err(|err| StartupError::Http(format!("the refresh lane does not start: {err}")))?;
     tracing::info!(
         backend = db.backend(),
         key_id = keyring.active_key_id(),
@@ -233,6 +233,7 @@ impl Application {
         }
         self.state.services.audit.flush().await;
         self.state.services.db.close().await;
+        self.state.services.lane.db.close().await;
         Ok(())
     }
 }

@@ -9,15 +9,18 @@
 //! (BENCHMARKS.md). On a thread of its own, the loader goes on as soon as each answer arrives;
 //! the operating system shares the cores between the two runtimes.
 //!
-//! The lane has its own outbound HTTP client: a client's connections are driven by tasks on
-//! the runtime that opened them, and a connection opened by a request would take the lane's
-//! provider call back onto the crowded runtime.
+//! The lane has its own outbound HTTP client and, on PostgreSQL, its own database pool: a
+//! socket is driven by the runtime that opened it, which a crowded runtime does only every so
+//! many tasks, so a connection opened by a request would take the lane's provider call or
+//! query back onto the crowded runtime (with the request runtime's pool, PostgreSQL storms
+//! called the provider 7–22 ms after their first request, BENCHMARKS.md).
 
 use std::future::Future;
 
 use tokio::runtime::{Builder, Handle, Runtime};
 
 use super::{ServiceError, ServiceResult};
+use crate::storage::Database;
 
 pub struct Lane {
     /// `None` only while dropping.
@@ -25,7 +28,13 @@ pub struct Lane {
     handle: Handle,
     /// Outbound client whose connections live on the lane.
     pub http: reqwest::Client,
+    /// The database through connections opened on the lane ([`Database::separate_pool`]).
+    pub db: Database,
 }
+
+/// Connections of the lane's own PostgreSQL pool: loaders of different tokens at once (each
+/// a few short queries) share them.
+pub const LANE_DB_CONNECTIONS: u32 = 4;
 
 impl std::fmt::Debug for Lane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -35,7 +44,8 @@ impl std::fmt::Debug for Lane {
 
 impl Lane {
     /// Starts the lane's thread; `http` must not have been used yet (see the module docs).
-    pub fn start(http: reqwest::Client) -> std::io::Result<Self> {
+    /// The lane reaches `db` through a pool of its own.
+    pub fn start(http: reqwest::Client, db: &Database) -> std::io::Result<Self> {
         let runtime = Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("oauth-lane")
@@ -45,6 +55,7 @@ impl Lane {
             handle: runtime.handle().clone(),
             runtime: Some(runtime),
             http,
+            db: db.separate_pool(LANE_DB_CONNECTIONS),
         })
     }
 
@@ -77,7 +88,10 @@ mod tests {
 
     #[tokio::test]
     async fn work_runs_on_the_lane_thread_and_the_lane_can_be_dropped_anywhere() {
-        let lane = std::sync::Arc::new(Lane::start(reqwest::Client::new()).expect("lane"));
+        let db = Database::connect("sqlite::memory:", crate::storage::PoolSettings::default())
+            .await
+            .expect("database");
+        let lane = std::sync::Arc::new(Lane::start(reqwest::Client::new(), &db).expect("lane"));
         let thread = lane
             .run(async { Ok(std::thread::current().name().map(str::to_owned)) })
             .await

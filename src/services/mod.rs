@@ -78,10 +78,12 @@ impl Context {
         format!("{}:", self.instance_id)
     }
 
-    /// This context for work on the [`lane`]: provider calls go through the lane's client.
+    /// This context for work on the [`lane`]: provider calls and queries go through the
+    /// lane's own connections.
     pub fn for_lane(&self) -> Context {
         Context {
             http: self.lane.http.clone(),
+            db: self.lane.db.clone(),
             ..self.clone()
         }
     }

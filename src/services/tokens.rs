@@ -118,6 +118,14 @@ pub struct FlightGuard {
     flight: Arc<Flight>,
 }
 
+impl FlightGuard {
+    /// Completes at the next [`Flights::publish`] of this flight's integration, or when a
+    /// holder of its lock lets go; wakes in turn with everyone else waiting.
+    pub fn published(&self) -> tokio::sync::futures::Notified<'_> {
+        self.flight.released.notified()
+    }
+}
+
 impl Drop for FlightGuard {
     fn drop(&mut self) {
         drop(self.guard.take());
@@ -298,22 +306,14 @@ pub async fn access_token(
         None
     };
     if let Some(cached) = cached {
-        let issued = cached.issued.clone();
-        let event = handed_out(ctx, actor, &cached.integration, Outcome::Success, client);
-        drop(cached);
-        audit::record_hand_out(ctx, event).await;
-        return Ok(issued);
+        return Ok(hand_out_cached(ctx, actor, cached, client).await);
     }
-    // The loader of a token others wait for works on the lane: they must not wait for the
-    // whole crowd too. Without the cache nobody waits, and the lane's one thread would only
-    // cap the throughput.
-    let (integration, result) = if loading.is_some() {
-        let (lane, actor, client) = (ctx.for_lane(), actor.clone(), client.clone());
-        ctx.lane
-            .run(async move { load_usable(&lane, &actor, id, &client).await })
-            .await?
-    } else {
-        load_usable(ctx, actor, id, client).await?
+    let (integration, result) = match &loading {
+        Some(loading) => match load_on_lane(ctx, actor, id, client, loading).await? {
+            Loaded::Cached(cached) => return Ok(hand_out_cached(ctx, actor, cached, client).await),
+            Loaded::Read(read) => *read,
+        },
+        None => load_usable(ctx, actor, id, client).await?,
     };
     let outcome = if result.is_ok() {
         Outcome::Success
@@ -322,6 +322,59 @@ pub async fn access_token(
     };
     audit::record_hand_out(ctx, handed_out(ctx, actor, &integration, outcome, client)).await;
     Ok(IssuedToken::new(&integration, &result?))
+}
+
+async fn hand_out_cached(
+    ctx: &Context,
+    actor: &Actor<ReadTokens>,
+    cached: Arc<CachedTokens>,
+    client: &RequestContext,
+) -> IssuedToken {
+    let issued = cached.issued.clone();
+    let event = handed_out(ctx, actor, &cached.integration, Outcome::Success, client);
+    drop(cached);
+    audit::record_hand_out(ctx, event).await;
+    issued
+}
+
+/// What a loader ends with: the token from the cache, or what it read itself.
+enum Loaded {
+    Cached(Arc<CachedTokens>),
+    /// Boxed: the other answer is a pointer.
+    Read(Box<(Integration, ServiceResult<TokenSet>)>),
+}
+
+/// The load of a token others wait for (`loading`), on the lane: they must not wait for the
+/// whole crowd too. (Without the cache nobody waits, and the lane's one thread would only cap
+/// the throughput.) A refresh publishes its tokens before it commits its audit record; the
+/// loader answers from the cache then, as its waiters do, instead of when the lane is done.
+/// Woken by the lane only after them all, the loader was the storm's last answer
+/// (BENCHMARKS.md, session 15).
+async fn load_on_lane(
+    ctx: &Context,
+    actor: &Actor<ReadTokens>,
+    id: Uuid,
+    client: &RequestContext,
+    loading: &FlightGuard,
+) -> ServiceResult<Loaded> {
+    let published = loading.published();
+    tokio::pin!(published);
+    // Registered before the work starts, so that no publication is missed.
+    published.as_mut().enable();
+    let (lane, on_lane, on_lane_client) = (ctx.for_lane(), actor.clone(), client.clone());
+    let work = ctx
+        .lane
+        .run(async move { load_usable(&lane, &on_lane, id, &on_lane_client).await });
+    tokio::pin!(work);
+    tokio::select! {
+        biased;
+        read = &mut work => return read.map(|read| Loaded::Read(Box::new(read))),
+        () = &mut published => {}
+    }
+    match cached_token(ctx, actor, id) {
+        Some(cached) => Ok(Loaded::Cached(cached)),
+        None => work.await.map(|read| Loaded::Read(Box::new(read))),
+    }
 }
 
 /// The integration visible to `actor`, and its tokens, refreshed if they need it (the

@@ -194,15 +194,19 @@ fn ping_if_idle<C: sqlx::Connection>(
     })
 }
 
+fn pg_pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| ping_if_idle(connection, meta))
+}
+
 impl Database {
     pub async fn connect(url: &str, settings: PoolSettings) -> StorageResult<Self> {
         if is_postgres_url(url) {
             let options = PgConnectOptions::from_str(url)?;
-            let pool = PgPoolOptions::new()
-                .max_connections(settings.max_connections)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
-                .test_before_acquire(false)
-                .before_acquire(|connection, meta| ping_if_idle(connection, meta))
+            let pool = pg_pool_options(settings.max_connections)
                 .connect_with(options)
                 .await?;
             Ok(Self::Postgres(pool))
@@ -228,6 +232,21 @@ impl Database {
                 .await?;
             tokio::spawn(checkpoint_in_background(pool.clone()));
             Ok(Self::Sqlite(pool, WriteGate::default()))
+        }
+    }
+
+    /// The same database through a pool of its own, of at most `max_connections`, that
+    /// connects on first use: each of its connections is then driven by the runtime that
+    /// opened it (a tokio socket wakes its readers from the runtime it was opened on, and a
+    /// crowded runtime looks at its sockets only every so many tasks). On SQLite, whose
+    /// connections each run on a thread of their own, this is the same pool and write gate.
+    pub fn separate_pool(&self, max_connections: u32) -> Self {
+        match self {
+            Database::Postgres(pool) => Database::Postgres(
+                pg_pool_options(max_connections)
+                    .connect_lazy_with(pool.connect_options().as_ref().clone()),
+            ),
+            Database::Sqlite(..) => self.clone(),
         }
     }
 
