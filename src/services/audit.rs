@@ -70,7 +70,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 use uuid::Uuid;
 
-use super::audit_writer::{AuditWriter, WriterDeps};
+use super::audit_writer::{Appended, AuditWriter, WriterDeps};
 use super::{Context, ServiceResult};
 use crate::storage::audit::{
     AuditWalk, ChainLink, ChainedAuditRow, NewAuditEvent, Outcome, PrunedRange, CHECKPOINT_ACTION,
@@ -264,8 +264,39 @@ pub fn row_hash(salt: &Salt, link: &ChainLink<'_>, event: &NewAuditEvent) -> [u8
 /// Appends `event` to the audit log and waits for its commit. The one way services write audit
 /// events; a failure is logged at error level and does not fail the caller.
 pub async fn record(ctx: &Context, event: &NewAuditEvent) {
-    if let Err(err) = append(ctx, event).await {
-        tracing::error!(error = %err, action = %event.action, "audit event could not be written");
+    record_ahead(ctx, event).await.committed().await;
+}
+
+/// [`record`] in two steps, for an event that must be queued before anyone learns of what it
+/// records (from then on a flush, a graceful shutdown's too, writes it) while its commit is
+/// waited for only after: queues `event` now; [`RecordAhead::committed`] waits.
+pub async fn record_ahead(ctx: &Context, event: &NewAuditEvent) -> RecordAhead {
+    RecordAhead {
+        action: event.action.clone(),
+        appended: ctx
+            .audit
+            .writer
+            .enqueue(|| writer_deps(ctx), event.clone())
+            .await,
+    }
+}
+
+/// An event queued by [`record_ahead`].
+pub struct RecordAhead {
+    action: String,
+    appended: ServiceResult<Appended>,
+}
+
+impl RecordAhead {
+    /// Waits for the event's commit; a failure is logged, as [`record`] logs it.
+    pub async fn committed(self) {
+        let written = match self.appended {
+            Ok(appended) => appended.committed().await.map(|_| ()),
+            Err(err) => Err(err),
+        };
+        if let Err(err) = written {
+            tracing::error!(error = %err, action = %self.action, "audit event could not be written");
+        }
     }
 }
 

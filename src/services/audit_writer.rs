@@ -49,6 +49,20 @@ const LINGER: Duration = Duration::from_millis(20);
 
 type Ack = oneshot::Sender<Result<i64, String>>;
 
+/// An event queued by [`AuditWriter::enqueue`], to be committed.
+#[derive(Debug)]
+pub struct Appended(oneshot::Receiver<Result<i64, String>>);
+
+impl Appended {
+    /// Waits until the event is committed; returns its row id.
+    pub async fn committed(self) -> ServiceResult<i64> {
+        self.0
+            .await
+            .map_err(|_| stopped())?
+            .map_err(|err| ServiceError::Internal(format!("audit write failed: {err}")))
+    }
+}
+
 enum Message {
     Append(Box<NewAuditEvent>, Ack),
     /// An event nobody waits for, written in order with the others.
@@ -153,12 +167,20 @@ impl AuditWriter {
         deps: impl FnOnce() -> WriterDeps,
         event: NewAuditEvent,
     ) -> ServiceResult<i64> {
+        self.enqueue(deps, event).await?.committed().await
+    }
+
+    /// Queues `event` to be appended (waiting only for room in the queue); the commit is
+    /// waited for with [`Appended::committed`]. A flush from now on writes it.
+    pub async fn enqueue(
+        &self,
+        deps: impl FnOnce() -> WriterDeps,
+        event: NewAuditEvent,
+    ) -> ServiceResult<Appended> {
         let (ack, done) = oneshot::channel();
         self.send(deps, Message::Append(Box::new(event), ack))
             .await?;
-        done.await
-            .map_err(|_| stopped())?
-            .map_err(|err| ServiceError::Internal(format!("audit write failed: {err}")))
+        Ok(Appended(done))
     }
 
     /// Queues `event` to be written in order with every other event, without waiting for its

@@ -1086,6 +1086,14 @@ async fn store_refreshed(
             .await?;
         refreshed.granted_scopes = scopes;
     }
+    let event = audit::event("token_refreshed", Outcome::Success, Some(actor), Some(&integration.user_id), client, now)
+        .provider(&integration.provider)
+        .integration(Some(integration.id))
+        .details(json!({"refresh_token_rotated": rotated, "expires_at": fresh.expires_at, "previous_generation": leased.sealed.generation}));
+    // Queued before the new token reaches anyone (the cache, then the waiters, answer them
+    // without waiting for its commit): a flush from then on, a graceful shutdown's too,
+    // writes it.
+    let record = audit::record_ahead(ctx, &event).await;
     if leased.background {
         ctx.tokens_cache
             .replace(&refreshed, &fresh, sealed.updated_at);
@@ -1093,11 +1101,7 @@ async fn store_refreshed(
         ctx.tokens_cache.put(&refreshed, &fresh, sealed.updated_at);
     }
     ctx.flights.publish(integration.id);
-    let event = audit::event("token_refreshed", Outcome::Success, Some(actor), Some(&integration.user_id), client, now)
-        .provider(&integration.provider)
-        .integration(Some(integration.id))
-        .details(json!({"refresh_token_rotated": rotated, "expires_at": fresh.expires_at, "previous_generation": leased.sealed.generation}));
-    audit::record(ctx, &event).await;
+    record.committed().await;
     crate::metrics::refresh(&integration.provider, "success");
     Ok(fresh)
 }
