@@ -270,9 +270,9 @@ pub async fn record(ctx: &Context, event: &NewAuditEvent) {
 /// [`record`] in two steps, for an event that must be queued before anyone learns of what it
 /// records (from then on a flush, a graceful shutdown's too, writes it) while its commit is
 /// waited for only after: queues `event` now; [`RecordAhead::committed`] waits.
-pub async fn record_ahead(ctx: &Context, event: &NewAuditEvent) -> RecordAhead {
+pub async fn record_ahead<'a>(ctx: &Context, event: &'a NewAuditEvent) -> RecordAhead<'a> {
     RecordAhead {
-        action: event.action.clone(),
+        action: &event.action,
         appended: ctx
             .audit
             .writer
@@ -282,12 +282,12 @@ pub async fn record_ahead(ctx: &Context, event: &NewAuditEvent) -> RecordAhead {
 }
 
 /// An event queued by [`record_ahead`].
-pub struct RecordAhead {
-    action: String,
+pub struct RecordAhead<'a> {
+    action: &'a str,
     appended: ServiceResult<Appended>,
 }
 
-impl RecordAhead {
+impl RecordAhead<'_> {
     /// Waits for the event's commit; a failure is logged, as [`record`] logs it.
     pub async fn committed(self) {
         let written = match self.appended {

@@ -34,7 +34,7 @@ pub struct Lane {
 
 /// Connections of the lane's own PostgreSQL pool: loaders of different tokens at once (each
 /// a few short queries) share them.
-pub const LANE_DB_CONNECTIONS: u32 = 4;
+const LANE_DB_CONNECTIONS: u32 = 4;
 
 impl std::fmt::Debug for Lane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
