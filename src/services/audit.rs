@@ -329,6 +329,8 @@ fn writer_deps(ctx: &Context) -> WriterDeps {
         salt: ctx.audit.salt.clone(),
         clock: ctx.clock.clone(),
         hand_out_window: ctx.audit.hand_out_window,
+        crowds: ctx.flights.crowds(),
+        hold_at_most: super::audit_writer::HOLD_AT_MOST,
     }
 }
 

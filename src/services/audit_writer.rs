@@ -18,7 +18,15 @@
 //! [`AuditWriter::flush`] waits until everything queued before it is written, open counts
 //! included (graceful shutdown, and readers of the log that must see their own writes). What a
 //! hard crash can lose is therefore limited to the hand-out records of the last moments (one
-//! window, or with a window of zero one batch: at most [`LINGER`] plus one commit).
+//! window, or with a window of zero one batch: at most [`LINGER`] plus one commit; plus
+//! [`HOLD_AT_MOST`] during a crowd).
+//!
+//! Counts are the one write that can wait: while callers wait in memory for a token load or
+//! refresh ([`Crowds`]), those that fall due are held back until the crowd has been answered
+//! ([`HOLD_AT_MOST`] at most), and writing many stops after the current transaction of
+//! [`COUNTS_PER_COMMIT`]. A second's hand-outs to a thousand integrations fall due as a thousand
+//! rows at once; written during a refresh storm they delayed the refresh and its answers by up
+//! to 25 ms (on SQLite behind the write lock, on PostgreSQL on a busy server; BENCHMARKS.md).
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -27,6 +35,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::audit::{chain_key, row_hash, salt_of, Salt};
 use super::audit_tally::Tally;
+use super::lane::Crowds;
 use super::{ServiceError, ServiceResult};
 use crate::clock::SharedClock;
 use crate::storage::audit::{ChainHeads, ChainLink, NewAuditEvent};
@@ -46,6 +55,16 @@ const MAX_OPEN_COUNTS_AT_ALL: usize = 2 * MAX_OPEN_COUNTS;
 /// hand-outs this turns hundreds of small commits per second into a few dozen full ones. An
 /// awaited append or a flush ends the wait at once, so it delays no caller.
 const LINGER: Duration = Duration::from_millis(20);
+/// How long hand-out counts that fell due are held back while callers wait for a token load
+/// or refresh ([`Crowds`]), at most once per crowd: a crowd waits for one provider call (at
+/// least the provider's latency) and for its answers, and anything longer than that is not a
+/// crowd worth making the log wait for.
+pub const HOLD_AT_MOST: Duration = Duration::from_millis(250);
+/// Hand-out counts per transaction. Before each the writer looks whether a crowd has begun
+/// waiting, and on SQLite a refresh's writes get the write lock after at most one (~1,000
+/// counts fall due at once after a second of hand-outs to a thousand integrations). Small,
+/// because with the cores busy with a crowd a transaction of 64 took up to 20 ms.
+const COUNTS_PER_COMMIT: usize = 32;
 
 type Ack = oneshot::Sender<Result<i64, String>>;
 
@@ -150,6 +169,10 @@ pub struct WriterDeps {
     pub salt: Arc<tokio::sync::OnceCell<Salt>>,
     pub clock: SharedClock,
     pub hand_out_window: Duration,
+    /// Callers waiting for a token: due hand-out counts are held back for them, for at most
+    /// `hold_at_most` ([`HOLD_AT_MOST`]).
+    pub crowds: Arc<Crowds>,
+    pub hold_at_most: Duration,
 }
 
 impl AuditWriter {
@@ -266,8 +289,18 @@ async fn run(mut receiver: mpsc::Receiver<Message>, deps: WriterDeps, counts: Ar
     let mut messages = Vec::with_capacity(MAX_BATCH);
     let mut heads = ChainHeads::new();
     let mut heads_since = Instant::now();
+    let mut hold = Hold::default();
     loop {
-        let open = receive(&mut receiver, &mut messages, &counts).await;
+        let holding = hold.until(&deps);
+        let open = receive(
+            &mut receiver,
+            &mut messages,
+            &counts,
+            &hold,
+            holding,
+            &deps.crowds,
+        )
+        .await;
         // Counted hand-outs wait in the tally anyway; only a row per hand-out needs company.
         if !messages.is_empty() && counts.window.is_zero() {
             linger(&mut receiver, &mut messages).await;
@@ -277,29 +310,71 @@ async fn run(mut receiver: mpsc::Receiver<Message>, deps: WriterDeps, counts: Ar
             heads = ChainHeads::new();
             heads_since = Instant::now();
         }
-        let batch = Batch::of(std::mem::take(&mut messages), &counts, !open);
-        write_batch(&deps, &mut heads, batch).await;
+        let holding = hold.until(&deps).is_some();
+        let batch = Batch::of(
+            std::mem::take(&mut messages),
+            &counts,
+            &mut hold,
+            !open,
+            holding,
+        );
+        write_batch(&deps, &mut heads, &mut hold, batch).await;
         if !open {
             return;
         }
     }
 }
 
-/// Waits for messages, a count opening while none was open, or the oldest open count to fall
-/// due; false once every sender is gone.
+/// Due hand-out counts held back for a crowd ([`Crowds`]), and since when this crowd has been
+/// waited for.
+#[derive(Default)]
+struct Hold {
+    since: Option<Instant>,
+    counts: Vec<NewAuditEvent>,
+}
+
+impl Hold {
+    /// Until when due counts are held back now: `None` when nobody waits, or this crowd has
+    /// been waited for [`WriterDeps::hold_at_most`] already.
+    fn until(&mut self, deps: &WriterDeps) -> Option<Instant> {
+        if !deps.crowds.any() {
+            self.since = None;
+            return None;
+        }
+        let until = *self.since.get_or_insert_with(Instant::now) + deps.hold_at_most;
+        (Instant::now() < until).then_some(until)
+    }
+}
+
+/// Waits for messages, a count opening while none was open, or counts to be due: the oldest
+/// open count to fall due, or, `holding` them, the crowd to disperse or the hold to end.
+/// False once every sender is gone.
 async fn receive(
     receiver: &mut mpsc::Receiver<Message>,
     messages: &mut Vec<Message>,
     counts: &Counts,
+    hold: &Hold,
+    holding: Option<Instant>,
+    crowds: &Crowds,
 ) -> bool {
     // A count opened after `next_due` was read has left a permit here: nothing is missed.
     let opened = counts.opened.notified();
-    let due = counts.next_due();
+    let due = if hold.counts.is_empty() {
+        counts.next_due()
+    } else {
+        Some(Instant::now())
+    };
     let received = receiver.recv_many(messages, MAX_BATCH);
     let fall_due = async {
-        match due {
-            Some(due) => tokio::time::sleep_until(due.into()).await,
-            None => std::future::pending().await,
+        match (due, holding) {
+            (Some(_), Some(until)) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(until.into()) => {}
+                    () = crowds.dispersed() => {}
+                }
+            }
+            (Some(due), None) => tokio::time::sleep_until(due.into()).await,
+            (None, _) => std::future::pending().await,
         }
     };
     tokio::select! {
@@ -309,18 +384,29 @@ async fn receive(
     }
 }
 
-/// What one pass writes: the events (counts that fell due first, being older), whom to answer.
+/// What one pass writes: events of their own and whom to answer, then hand-out counts.
 struct Batch {
+    /// Appended and queued events (and hand-outs with a window of zero), in order.
     events: Vec<NewAuditEvent>,
     acks: Vec<Option<Ack>>,
+    /// Counts held back before, then those due now.
+    counts: Vec<NewAuditEvent>,
+    /// Whether writing the counts may stop for a crowd: not on a flush, nor on shutdown.
+    may_hold: bool,
     flushes: Vec<oneshot::Sender<()>>,
 }
 
 impl Batch {
-    /// Sorts `messages` into a batch with the counts due; everything open is taken on a flush,
-    /// on shutdown (`closing`) or when too much is open.
-    fn of(messages: Vec<Message>, counts: &Counts, closing: bool) -> Self {
-        let mut fresh = Vec::with_capacity(messages.len());
+    /// Sorts `messages` into a batch with the counts due (none while `holding` them back);
+    /// everything open is taken on a flush, on shutdown (`closing`) or when too much is open.
+    fn of(
+        messages: Vec<Message>,
+        counts: &Counts,
+        hold: &mut Hold,
+        closing: bool,
+        holding: bool,
+    ) -> Self {
+        let mut events = Vec::with_capacity(messages.len());
         let mut acks = Vec::with_capacity(messages.len());
         let mut flushes = Vec::new();
         let window_is_zero = counts.window.is_zero();
@@ -329,7 +415,7 @@ impl Batch {
         for message in messages {
             match message {
                 Message::Append(event, ack) => {
-                    fresh.push(*event);
+                    events.push(*event);
                     acks.push(Some(ack));
                 }
                 Message::Count(event) if !window_is_zero => {
@@ -337,25 +423,27 @@ impl Batch {
                 }
                 // Written as rows of their own, in order; nobody waits for them.
                 Message::Queued(event) | Message::Count(event) => {
-                    fresh.push(*event);
+                    events.push(*event);
                     acks.push(None);
                 }
                 Message::Flush(ack) => flushes.push(ack),
             }
         }
         let take_all = closing || !flushes.is_empty() || tally.len() > MAX_OPEN_COUNTS;
-        let mut events = if take_all {
-            tally.take_all()
-        } else {
-            tally.take_due(now)
-        };
-        let mut all_acks: Vec<Option<Ack>> =
-            std::iter::repeat_with(|| None).take(events.len()).collect();
-        events.append(&mut fresh);
-        all_acks.append(&mut acks);
+        let mut counts = Vec::new();
+        if take_all || !holding {
+            counts = std::mem::take(&mut hold.counts);
+            counts.append(&mut if take_all {
+                tally.take_all()
+            } else {
+                tally.take_due(now)
+            });
+        }
         Self {
             events,
-            acks: all_acks,
+            acks,
+            counts,
+            may_hold: !closing && flushes.is_empty(),
             flushes,
         }
     }
@@ -386,14 +474,30 @@ impl Message {
     }
 }
 
-/// Writes the batch's events (one transaction per [`MAX_BATCH`]), then answers everyone:
-/// appenders with their row id (or the error), flushes once everything before them is written.
-async fn write_batch(deps: &WriterDeps, heads: &mut ChainHeads, batch: Batch) {
+/// Writes the batch, then answers its flushes.
+async fn write_batch(deps: &WriterDeps, heads: &mut ChainHeads, hold: &mut Hold, batch: Batch) {
     let Batch {
-        mut events,
+        events,
         acks,
+        counts,
+        may_hold,
         flushes,
     } = batch;
+    write_answered(deps, heads, events, acks).await;
+    write_counts(deps, heads, hold, counts, may_hold).await;
+    for flush in flushes {
+        let _ = flush.send(());
+    }
+}
+
+/// Writes `events` (one transaction per [`MAX_BATCH`]) and answers each appender with its row
+/// id (or the error).
+async fn write_answered(
+    deps: &WriterDeps,
+    heads: &mut ChainHeads,
+    mut events: Vec<NewAuditEvent>,
+    acks: Vec<Option<Ack>>,
+) {
     let mut acks = acks.into_iter();
     while !events.is_empty() {
         let rest = events.split_off(events.len().min(MAX_BATCH));
@@ -415,8 +519,29 @@ async fn write_batch(deps: &WriterDeps, heads: &mut ChainHeads, batch: Batch) {
             }
         }
     }
-    for flush in flushes {
-        let _ = flush.send(());
+}
+
+/// Writes hand-out counts, [`COUNTS_PER_COMMIT`] to a transaction; once a crowd waits (the
+/// events before them may have taken a while, and so may each transaction), the rest are held
+/// back for it, unless not `may_hold`.
+async fn write_counts(
+    deps: &WriterDeps,
+    heads: &mut ChainHeads,
+    hold: &mut Hold,
+    counts: Vec<NewAuditEvent>,
+    may_hold: bool,
+) {
+    let mut counts = counts.into_iter().peekable();
+    while counts.peek().is_some() {
+        if may_hold && hold.until(deps).is_some() {
+            hold.counts.extend(counts);
+            return;
+        }
+        let chunk: Vec<NewAuditEvent> = counts.by_ref().take(COUNTS_PER_COMMIT).collect();
+        let written = chunk.len();
+        if let Err(err) = commit(deps, heads, chunk).await {
+            tracing::error!(error = %err, events = written, "audit events could not be written");
+        }
     }
 }
 
@@ -456,5 +581,174 @@ async fn commit(
             heads.clear();
             Err(err.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::services::audit::{event, RequestContext};
+    use crate::storage::audit::Outcome;
+    use crate::storage::{Page, PoolSettings};
+
+    async fn database() -> Database {
+        let db = Database::connect("sqlite::memory:", PoolSettings::default())
+            .await
+            .expect("database");
+        db.migrate().await.expect("migrated");
+        db
+    }
+
+    fn deps(db: &Database, crowds: &Arc<Crowds>, hold_at_most: Duration) -> WriterDeps {
+        WriterDeps {
+            db: db.clone(),
+            salt: Arc::default(),
+            clock: Arc::new(SystemClock),
+            hand_out_window: Duration::from_millis(50),
+            crowds: crowds.clone(),
+            hold_at_most,
+        }
+    }
+
+    fn audited(action: &str, user: &str) -> NewAuditEvent {
+        let (user, client) = (Some(user), RequestContext::default());
+        event(
+            action,
+            Outcome::Success,
+            user,
+            user,
+            &client,
+            chrono::Utc::now(),
+        )
+    }
+
+    fn hand_out(user: &str) -> NewAuditEvent {
+        audited("token_handed_out", user)
+    }
+
+    async fn rows(db: &Database, action: &str) -> usize {
+        let page = Page {
+            after: None,
+            limit: 1000,
+        };
+        let listed = db.list_audit_events(None, page).await.expect("listed");
+        listed
+            .items
+            .iter()
+            .filter(|row| row.action == action)
+            .count()
+    }
+
+    /// Polls for up to 5 s until `action` has `expected` rows.
+    async fn eventually(db: &Database, action: &str, expected: usize) -> bool {
+        for _ in 0..100 {
+            if rows(db, action).await == expected {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn due_counts_wait_while_a_crowd_waits_but_appends_do_not() {
+        let db = database().await;
+        let crowds = Arc::new(Crowds::default());
+        let writer = AuditWriter::on_current_runtime();
+        let waiting = crowds.wait();
+        writer
+            .count_hand_out(
+                || deps(&db, &crowds, Duration::from_secs(30)),
+                hand_out("alice"),
+            )
+            .await
+            .expect("counted");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            rows(&db, "token_handed_out").await,
+            0,
+            "written for a crowd"
+        );
+        let consent = audited("consent_recorded", "bob");
+        let appended = writer.append(|| deps(&db, &crowds, Duration::from_secs(30)), consent);
+        let id = tokio::time::timeout(Duration::from_secs(5), appended).await;
+        assert!(
+            matches!(id, Ok(Ok(_))),
+            "an append waited for the crowd: {id:?}"
+        );
+        assert_eq!(
+            rows(&db, "token_handed_out").await,
+            0,
+            "written with the append"
+        );
+        drop(waiting);
+        assert!(
+            eventually(&db, "token_handed_out", 1).await,
+            "not written once the crowd left"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_crowd_holds_due_counts_back_for_a_bounded_time() {
+        let db = database().await;
+        let crowds = Arc::new(Crowds::default());
+        let writer = AuditWriter::on_current_runtime();
+        let _waiting = crowds.wait();
+        writer
+            .count_hand_out(
+                || deps(&db, &crowds, Duration::from_millis(200)),
+                hand_out("alice"),
+            )
+            .await
+            .expect("counted");
+        assert!(
+            eventually(&db, "token_handed_out", 1).await,
+            "held back for good"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flush_writes_the_counts_held_back() {
+        let db = database().await;
+        let crowds = Arc::new(Crowds::default());
+        let writer = AuditWriter::on_current_runtime();
+        let _waiting = crowds.wait();
+        writer
+            .count_hand_out(
+                || deps(&db, &crowds, Duration::from_secs(30)),
+                hand_out("alice"),
+            )
+            .await
+            .expect("counted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        writer.flush().await;
+        assert_eq!(rows(&db, "token_handed_out").await, 1);
+    }
+
+    #[tokio::test]
+    async fn writing_counts_stops_at_a_transaction_boundary_while_a_crowd_waits() {
+        let db = database().await;
+        let crowds = Arc::new(Crowds::default());
+        let deps = deps(&db, &crowds, Duration::from_secs(30));
+        let counts = || {
+            (0..200)
+                .map(|n| hand_out(&format!("user-{n}")))
+                .collect::<Vec<_>>()
+        };
+        let (mut heads, mut hold) = (ChainHeads::new(), Hold::default());
+        let waiting = crowds.wait();
+        write_counts(&deps, &mut heads, &mut hold, counts(), true).await;
+        assert_eq!(rows(&db, "token_handed_out").await, 0);
+        assert_eq!(hold.counts.len(), 200);
+        // Not on a flush or at shutdown.
+        write_counts(&deps, &mut heads, &mut hold, counts(), false).await;
+        assert_eq!(rows(&db, "token_handed_out").await, 200);
+        // Once the crowd is gone, the next pass takes the held ones first.
+        drop(waiting);
+        let counts = Counts::new(deps.hand_out_window);
+        let batch = Batch::of(Vec::new(), &counts, &mut hold, false, false);
+        assert_eq!(batch.counts.len(), 200);
+        assert!(hold.counts.is_empty());
     }
 }

@@ -16,8 +16,10 @@
 //! called the provider 7–22 ms after their first request, BENCHMARKS.md).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::runtime::{Builder, Handle, Runtime};
+use tokio::sync::Notify;
 
 use super::{ServiceError, ServiceResult};
 use crate::storage::Database;
@@ -78,6 +80,54 @@ impl Drop for Lane {
         // thread (the last handle on the lane may even be dropped on the lane's own thread).
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
+        }
+    }
+}
+
+/// Callers waiting in memory for a token load or refresh under way (a crowd on one expired
+/// token). Background work that can wait holds back while there are any: the audit writer's
+/// hand-out counts that fall due (up to a thousand rows a second under load) would otherwise be
+/// written on the same cores, and on SQLite behind the same write lock, as the refresh the
+/// crowd waits for and the crowd's answers (BENCHMARKS.md, session 16).
+#[derive(Debug, Default)]
+pub struct Crowds {
+    waiting: AtomicUsize,
+    dispersed: Notify,
+}
+
+/// One caller's place in [`Crowds`], from the moment it waits until it is woken.
+pub struct Waiting<'a>(&'a Crowds);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.0.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.dispersed.notify_waiters();
+        }
+    }
+}
+
+impl Crowds {
+    pub fn wait(&self) -> Waiting<'_> {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        Waiting(self)
+    }
+
+    /// Whether anyone is waiting now.
+    pub fn any(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) > 0
+    }
+
+    /// Completes once nobody is waiting.
+    pub async fn dispersed(&self) {
+        loop {
+            let dispersed = self.dispersed.notified();
+            tokio::pin!(dispersed);
+            // Registered before the look, so that the last caller leaving in between is seen.
+            dispersed.as_mut().enable();
+            if !self.any() {
+                return;
+            }
+            dispersed.await;
         }
     }
 }

@@ -38,6 +38,7 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use super::audit::{self, RequestContext};
+use super::lane::Crowds;
 use super::token_cache::{CachedTokens, ReadStart};
 use super::vault::{TokenOwner, TokenSet};
 use super::{integrations, Context, ServiceError, ServiceResult};
@@ -94,6 +95,8 @@ impl LifecycleSettings {
 pub struct Flights {
     refreshes: Registry,
     loads: Registry,
+    /// Everyone in [`Flights::wait_for_running`], waiting for a load or refresh.
+    crowds: Arc<Crowds>,
 }
 
 #[derive(Debug, Default)]
@@ -148,7 +151,13 @@ impl Flights {
     /// publish its result; says whether there was one (its result is then in the token cache,
     /// unless it failed).
     pub async fn wait_for_running(&self, id: Uuid) -> bool {
-        self.loads.wait_for_running(id).await || self.refreshes.wait_for_running(id).await
+        self.loads.wait_for_running(id, &self.crowds).await
+            || self.refreshes.wait_for_running(id, &self.crowds).await
+    }
+
+    /// The callers waiting in [`Flights::wait_for_running`].
+    pub fn crowds(&self) -> Arc<Crowds> {
+        self.crowds.clone()
     }
 
     /// Wakes everyone waiting on a load or refresh of `id`: its result is in the token cache.
@@ -197,7 +206,7 @@ impl Registry {
 
     /// Waits until the holder of `id`'s lock (if there is one) lets go of it; says whether
     /// there was one. Does not take the lock.
-    async fn wait_for_running(&self, id: Uuid) -> bool {
+    async fn wait_for_running(&self, id: Uuid, crowds: &Crowds) -> bool {
         let Some(flight) = self.running(id) else {
             return false;
         };
@@ -208,6 +217,7 @@ impl Registry {
         // is not missed.
         released.as_mut().enable();
         if flight.lock.try_lock().is_err() {
+            let _waiting = crowds.wait();
             released.await;
         }
         true
@@ -1283,6 +1293,32 @@ pub fn backoff(failures: u32, retry_after: Option<StdDuration>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn callers_waiting_for_a_load_are_a_crowd_until_woken() {
+        let flights = Arc::new(Flights::default());
+        let (id, crowds) = (Uuid::new_v4(), flights.crowds());
+        let loading = flights.load(id).await;
+        assert!(!crowds.any(), "nobody waits yet");
+        let waiter = tokio::spawn({
+            let flights = flights.clone();
+            async move { flights.wait_for_running(id).await }
+        });
+        let joined = tokio::time::timeout(StdDuration::from_secs(5), async {
+            while !crowds.any() {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(joined.await.is_ok(), "the waiter is not in the crowd");
+        flights.publish(id);
+        assert!(matches!(waiter.await, Ok(true)), "the waiter saw no load");
+        let dispersed = tokio::time::timeout(StdDuration::from_secs(5), crowds.dispersed());
+        assert!(dispersed.await.is_ok(), "the crowd is still there");
+        drop(loading);
+        // Nobody holds the lock now: a caller does not wait, and is no crowd.
+        assert!(!flights.wait_for_running(id).await);
+        assert!(!crowds.any());
+    }
 
     fn set(expires_in: Option<i64>, issued: DateTime<Utc>) -> (TokenSet, SealedTokens) {
         let tokens = TokenSet {
