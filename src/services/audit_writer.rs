@@ -21,12 +21,16 @@
 //! window, or with a window of zero one batch: at most [`LINGER`] plus one commit; plus
 //! [`HOLD_AT_MOST`] during a crowd).
 //!
-//! Counts are the one write that can wait: while callers wait in memory for a token load or
-//! refresh ([`Crowds`]), those that fall due are held back until the crowd has been answered
-//! ([`HOLD_AT_MOST`] at most), and writing many stops after the current transaction of
-//! [`COUNTS_PER_COMMIT`]. A second's hand-outs to a thousand integrations fall due as a thousand
-//! rows at once; written during a refresh storm they delayed the refresh and its answers by up
-//! to 25 ms (on SQLite behind the write lock, on PostgreSQL on a busy server; BENCHMARKS.md).
+//! Hand-out counts are the one write that can wait (with a window of zero, hand-outs are rows
+//! of their own and never held): while callers wait in memory for a token load or refresh
+//! ([`Crowds`]), those that fall due are held back until every caller has been woken with the
+//! result, for at most [`HOLD_AT_MOST`] between two passes that write every count due, and a
+//! write of many stops before its next transaction of [`COUNTS_PER_COMMIT`]. A second's
+//! hand-outs to a thousand integrations fall due as a thousand rows at once; written during a
+//! refresh storm they delayed the refresh by up to 25 ms (on SQLite behind the write lock, on
+//! PostgreSQL on a busy server; BENCHMARKS.md). Each pass writes the events someone queued
+//! before the counts, so in a chain a count row (about the last window) may follow a later
+//! event; the chain's order is the order of writing, as it always was for counts.
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -56,9 +60,9 @@ const MAX_OPEN_COUNTS_AT_ALL: usize = 2 * MAX_OPEN_COUNTS;
 /// awaited append or a flush ends the wait at once, so it delays no caller.
 const LINGER: Duration = Duration::from_millis(20);
 /// How long hand-out counts that fell due are held back while callers wait for a token load
-/// or refresh ([`Crowds`]), at most once per crowd: a crowd waits for one provider call (at
-/// least the provider's latency) and for its answers, and anything longer than that is not a
-/// crowd worth making the log wait for.
+/// or refresh ([`Crowds`]): at most this long between two passes that write every count due,
+/// so crowds one after the other share it. A crowd waits for one provider call (at least the
+/// provider's latency); anything longer than that is not a crowd worth making the log wait for.
 pub const HOLD_AT_MOST: Duration = Duration::from_millis(250);
 /// Hand-out counts per transaction. Before each the writer looks whether a crowd has begun
 /// waiting, and on SQLite a refresh's writes get the write lock after at most one (~1,000
@@ -319,14 +323,17 @@ async fn run(mut receiver: mpsc::Receiver<Message>, deps: WriterDeps, counts: Ar
             holding,
         );
         write_batch(&deps, &mut heads, &mut hold, batch).await;
+        if !holding {
+            hold.wrote();
+        }
         if !open {
             return;
         }
     }
 }
 
-/// Due hand-out counts held back for a crowd ([`Crowds`]), and since when this crowd has been
-/// waited for.
+/// Due hand-out counts held back for crowds ([`Crowds`]), and since when the writer has held
+/// counts back without catching up.
 #[derive(Default)]
 struct Hold {
     since: Option<Instant>,
@@ -334,15 +341,22 @@ struct Hold {
 }
 
 impl Hold {
-    /// Until when due counts are held back now: `None` when nobody waits, or this crowd has
-    /// been waited for [`WriterDeps::hold_at_most`] already.
+    /// Until when due counts are held back now: `None` when nobody waits, or counts have been
+    /// held back for [`WriterDeps::hold_at_most`] since the writer last caught up.
     fn until(&mut self, deps: &WriterDeps) -> Option<Instant> {
         if !deps.crowds.any() {
-            self.since = None;
             return None;
         }
         let until = *self.since.get_or_insert_with(Instant::now) + deps.hold_at_most;
         (Instant::now() < until).then_some(until)
+    }
+
+    /// After a pass that took the counts due: when it wrote them all, the next crowd may
+    /// hold counts back for the whole [`WriterDeps::hold_at_most`] again.
+    fn wrote(&mut self) {
+        if self.counts.is_empty() {
+            self.since = None;
+        }
     }
 }
 
@@ -391,7 +405,8 @@ struct Batch {
     acks: Vec<Option<Ack>>,
     /// Counts held back before, then those due now.
     counts: Vec<NewAuditEvent>,
-    /// Whether writing the counts may stop for a crowd: not on a flush, nor on shutdown.
+    /// Whether writing the counts may stop for a crowd: not on a flush, on shutdown, or with
+    /// too many open (the bound on memory).
     may_hold: bool,
     flushes: Vec<oneshot::Sender<()>>,
 }
@@ -429,7 +444,8 @@ impl Batch {
                 Message::Flush(ack) => flushes.push(ack),
             }
         }
-        let take_all = closing || !flushes.is_empty() || tally.len() > MAX_OPEN_COUNTS;
+        let too_many = tally.len() + hold.counts.len() > MAX_OPEN_COUNTS;
+        let take_all = closing || !flushes.is_empty() || too_many;
         let mut counts = Vec::new();
         if take_all || !holding {
             counts = std::mem::take(&mut hold.counts);
@@ -443,7 +459,7 @@ impl Batch {
             events,
             acks,
             counts,
-            may_hold: !closing && flushes.is_empty(),
+            may_hold: !take_all,
             flushes,
         }
     }
@@ -651,79 +667,135 @@ mod tests {
         false
     }
 
+    /// A writer on a fresh database, and the crowds it holds counts back for.
+    struct Fixture {
+        db: Database,
+        crowds: Arc<Crowds>,
+        writer: AuditWriter,
+        hold_at_most: Duration,
+    }
+
+    impl Fixture {
+        async fn new(hold_at_most: Duration) -> Self {
+            Self {
+                db: database().await,
+                crowds: Arc::default(),
+                writer: AuditWriter::on_current_runtime(),
+                hold_at_most,
+            }
+        }
+
+        fn deps(&self) -> WriterDeps {
+            deps(&self.db, &self.crowds, self.hold_at_most)
+        }
+
+        async fn count_hand_out(&self) {
+            let counted = self
+                .writer
+                .count_hand_out(|| self.deps(), hand_out("alice"));
+            counted.await.expect("counted");
+        }
+
+        async fn hand_out_rows(&self) -> usize {
+            rows(&self.db, "token_handed_out").await
+        }
+    }
+
     #[tokio::test]
     async fn due_counts_wait_while_a_crowd_waits_but_appends_do_not() {
-        let db = database().await;
-        let crowds = Arc::new(Crowds::default());
-        let writer = AuditWriter::on_current_runtime();
-        let waiting = crowds.wait();
-        writer
-            .count_hand_out(
-                || deps(&db, &crowds, Duration::from_secs(30)),
-                hand_out("alice"),
-            )
-            .await
-            .expect("counted");
+        let fixture = Fixture::new(Duration::from_secs(30)).await;
+        let waiting = fixture.crowds.wait();
+        fixture.count_hand_out().await;
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(
-            rows(&db, "token_handed_out").await,
-            0,
-            "written for a crowd"
-        );
+        assert_eq!(fixture.hand_out_rows().await, 0, "written for a crowd");
         let consent = audited("consent_recorded", "bob");
-        let appended = writer.append(|| deps(&db, &crowds, Duration::from_secs(30)), consent);
+        let appended = fixture.writer.append(|| fixture.deps(), consent);
         let id = tokio::time::timeout(Duration::from_secs(5), appended).await;
         assert!(
             matches!(id, Ok(Ok(_))),
             "an append waited for the crowd: {id:?}"
         );
-        assert_eq!(
-            rows(&db, "token_handed_out").await,
-            0,
-            "written with the append"
-        );
+        assert_eq!(fixture.hand_out_rows().await, 0, "written with the append");
         drop(waiting);
         assert!(
-            eventually(&db, "token_handed_out", 1).await,
+            eventually(&fixture.db, "token_handed_out", 1).await,
             "not written once the crowd left"
         );
     }
 
     #[tokio::test]
     async fn a_crowd_holds_due_counts_back_for_a_bounded_time() {
-        let db = database().await;
-        let crowds = Arc::new(Crowds::default());
-        let writer = AuditWriter::on_current_runtime();
-        let _waiting = crowds.wait();
-        writer
-            .count_hand_out(
-                || deps(&db, &crowds, Duration::from_millis(200)),
-                hand_out("alice"),
-            )
-            .await
-            .expect("counted");
+        let fixture = Fixture::new(Duration::from_millis(600)).await;
+        let _waiting = fixture.crowds.wait();
+        fixture.count_hand_out().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(fixture.hand_out_rows().await, 0, "not held back");
         assert!(
-            eventually(&db, "token_handed_out", 1).await,
+            eventually(&fixture.db, "token_handed_out", 1).await,
             "held back for good"
         );
     }
 
     #[tokio::test]
     async fn a_flush_writes_the_counts_held_back() {
+        let fixture = Fixture::new(Duration::from_secs(30)).await;
+        let _waiting = fixture.crowds.wait();
+        fixture.count_hand_out().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        fixture.writer.flush().await;
+        assert_eq!(fixture.hand_out_rows().await, 1);
+    }
+
+    #[tokio::test]
+    async fn crowds_one_after_the_other_share_one_hold_until_the_writer_catches_up() {
         let db = database().await;
         let crowds = Arc::new(Crowds::default());
-        let writer = AuditWriter::on_current_runtime();
-        let _waiting = crowds.wait();
-        writer
-            .count_hand_out(
-                || deps(&db, &crowds, Duration::from_secs(30)),
-                hand_out("alice"),
-            )
-            .await
-            .expect("counted");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        writer.flush().await;
-        assert_eq!(rows(&db, "token_handed_out").await, 1);
+        let deps = deps(&db, &crowds, Duration::from_millis(200));
+        let mut hold = Hold::default();
+        let first = crowds.wait();
+        assert!(hold.until(&deps).is_some());
+        drop(first);
+        assert!(hold.until(&deps).is_none(), "held with nobody waiting");
+        // A pass that took the counts due but held some back for a crowd that came meanwhile.
+        hold.counts.push(hand_out("alice"));
+        hold.wrote();
+        let _second = crowds.wait();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(
+            hold.until(&deps).is_none(),
+            "the second crowd held for longer"
+        );
+        // Caught up: the next crowd may hold counts back again.
+        hold.counts.clear();
+        hold.wrote();
+        assert!(hold.until(&deps).is_some());
+    }
+
+    #[test]
+    fn a_flush_shutdown_or_too_many_counts_takes_the_held_counts_and_may_not_hold() {
+        let counts = Counts::new(Duration::from_millis(50));
+        let held = || Hold {
+            counts: (0..3).map(|n| hand_out(&format!("user-{n}"))).collect(),
+            ..Hold::default()
+        };
+        let (flush, _flushed) = oneshot::channel();
+        let mut hold = held();
+        let batch = Batch::of(vec![Message::Flush(flush)], &counts, &mut hold, false, true);
+        assert_eq!((batch.counts.len(), batch.may_hold), (3, false));
+        assert!(hold.counts.is_empty());
+        let mut hold = held();
+        let batch = Batch::of(Vec::new(), &counts, &mut hold, true, true);
+        assert_eq!((batch.counts.len(), batch.may_hold), (3, false));
+        // While holding, without any of these, nothing is taken and the held counts stay.
+        let mut hold = held();
+        let batch = Batch::of(Vec::new(), &counts, &mut hold, false, true);
+        assert_eq!((batch.counts.len(), hold.counts.len()), (0, 3));
+        hold.counts = (0..=MAX_OPEN_COUNTS)
+            .map(|n| hand_out(&format!("user-{n}")))
+            .collect();
+        let batch = Batch::of(Vec::new(), &counts, &mut hold, false, true);
+        assert_eq!(batch.counts.len(), MAX_OPEN_COUNTS + 1);
+        assert!(!batch.may_hold, "too many counts held back");
     }
 
     #[tokio::test]

@@ -1294,6 +1294,12 @@ pub fn backoff(failures: u32, retry_after: Option<StdDuration>) -> Duration {
 mod tests {
     use super::*;
 
+    async fn crowded(crowds: &Crowds) {
+        while !crowds.any() {
+            tokio::task::yield_now().await;
+        }
+    }
+
     #[tokio::test]
     async fn callers_waiting_for_a_load_are_a_crowd_until_woken() {
         let flights = Arc::new(Flights::default());
@@ -1304,16 +1310,25 @@ mod tests {
             let flights = flights.clone();
             async move { flights.wait_for_running(id).await }
         });
-        let joined = tokio::time::timeout(StdDuration::from_secs(5), async {
-            while !crowds.any() {
-                tokio::task::yield_now().await;
-            }
-        });
+        let joined = tokio::time::timeout(StdDuration::from_secs(5), crowded(&crowds));
         assert!(joined.await.is_ok(), "the waiter is not in the crowd");
         flights.publish(id);
         assert!(matches!(waiter.await, Ok(true)), "the waiter saw no load");
         let dispersed = tokio::time::timeout(StdDuration::from_secs(5), crowds.dispersed());
         assert!(dispersed.await.is_ok(), "the crowd is still there");
+        // A caller that goes away while it waits leaves the crowd.
+        let impatient = tokio::spawn({
+            let flights = flights.clone();
+            async move { flights.wait_for_running(id).await }
+        });
+        let joined = tokio::time::timeout(StdDuration::from_secs(5), crowded(&crowds));
+        assert!(
+            joined.await.is_ok(),
+            "the second waiter is not in the crowd"
+        );
+        impatient.abort();
+        assert!(impatient.await.is_err_and(|err| err.is_cancelled()));
+        assert!(!crowds.any(), "a cancelled waiter is still in the crowd");
         drop(loading);
         // Nobody holds the lock now: a caller does not wait, and is no crowd.
         assert!(!flights.wait_for_running(id).await);
