@@ -300,7 +300,7 @@ async fn run(mut receiver: mpsc::Receiver<Message>, deps: WriterDeps, counts: Ar
             &mut receiver,
             &mut messages,
             &counts,
-            &hold,
+            !hold.counts.is_empty(),
             holding,
             &deps.crowds,
         )
@@ -367,16 +367,17 @@ async fn receive(
     receiver: &mut mpsc::Receiver<Message>,
     messages: &mut Vec<Message>,
     counts: &Counts,
-    hold: &Hold,
+    held: bool,
     holding: Option<Instant>,
     crowds: &Crowds,
 ) -> bool {
     // A count opened after `next_due` was read has left a permit here: nothing is missed.
     let opened = counts.opened.notified();
-    let due = if hold.counts.is_empty() {
-        counts.next_due()
-    } else {
+    // Counts held back before are due as soon as the hold ends.
+    let due = if held {
         Some(Instant::now())
+    } else {
+        counts.next_due()
     };
     let received = receiver.recv_many(messages, MAX_BATCH);
     let fall_due = async {
