@@ -421,18 +421,15 @@ pub async fn complete(
         .as_deref()
         .and_then(|url| Url::parse(url).ok());
     let result = finish(ctx, provider_name, &pending, &params, client, now).await;
-    let (integration_id, error_code) = match &result {
-        Ok(integration) => (Some(integration.id), None),
-        Err(err) => (None, Some(err.code)),
-    };
-    if let Err(err) = ctx
-        .db
-        .record_authorization_result(pending.id, integration_id, error_code)
-        .await
-    {
-        tracing::warn!(error = %err, "could not record the authorization result");
-    }
+    // A saved connection recorded its result with it.
     if let Err(err) = &result {
+        if let Err(db_err) = ctx
+            .db
+            .record_authorization_result(pending.id, None, Some(err.code))
+            .await
+        {
+            tracing::warn!(error = %db_err, "could not record the authorization result");
+        }
         let event = audit::event(
             "callback",
             Outcome::Failure,
@@ -892,6 +889,7 @@ async fn save(
         granted_scopes: &granted,
         requested_scopes: requested,
         now,
+        authorization_id: pending.id,
     };
     let mut consent = Consent {
         id: Uuid::now_v7(),

@@ -220,6 +220,9 @@ pub struct NewConnection<'a> {
     /// Requested this time; merged with what the integration requested before.
     pub requested_scopes: &'a [String],
     pub now: DateTime<Utc>,
+    /// The pending authorization (`oauth_state`) this connection completes: its result is
+    /// recorded in the same transaction, for a replayed callback to find.
+    pub authorization_id: Uuid,
 }
 
 /// What `save_connection` stored.
@@ -237,12 +240,17 @@ const UPSERT_CONNECTION_SQL: &str = "INSERT INTO oauth_integrations (id, user_id
       account_email = excluded.account_email, account_name = excluded.account_name, \
       account_metadata = excluded.account_metadata, status = 'active', \
       granted_scopes = excluded.granted_scopes, requested_scopes = excluded.requested_scopes, \
-      updated_at = excluded.updated_at, last_error = NULL, last_error_at = NULL";
+      updated_at = excluded.updated_at, last_error = NULL, last_error_at = NULL \
+    RETURNING ";
 
 impl Database {
-    /// Saves a connection in one transaction. `seal_tokens` receives the integration id (the
-    /// tokens' associated data) and the previously stored tokens, if any, and returns the row
-    /// to store; `consent` is completed with the integration id.
+    /// Saves a connection in one transaction, with the authorization's result. `seal_tokens`
+    /// receives the integration id (the tokens' associated data) and the previously stored
+    /// tokens, if any, and returns the row to store; `consent` is completed with the
+    /// integration id.
+    ///
+    /// Every statement is a round trip on the critical path of a user's sign-in: the row comes
+    /// back from the upsert itself, and a new integration has no tokens to read.
     pub async fn save_connection<F>(
         &self,
         connection: &NewConnection<'_>,
@@ -263,7 +271,7 @@ impl Database {
             "SELECT {} FROM oauth_tokens WHERE integration_id = $1",
             crate::storage::tokens::COLUMNS
         );
-        let get_sql = format!("SELECT {COLUMNS} FROM oauth_integrations WHERE id = $1");
+        let upsert_sql = format!("{UPSERT_CONNECTION_SQL}{COLUMNS}");
         // SQLite: take the write lock up front. A deferred transaction that reads first cannot
         // upgrade to a write once another connection has committed (SQLITE_BUSY_SNAPSHOT,
         // returned at once, no busy wait): concurrent callbacks failed with "database is locked".
@@ -283,7 +291,7 @@ impl Database {
                 Some(row) => (row.id, crate::oauth::union(&row.requested_scopes.0, connection.requested_scopes)),
                 None => (connection.proposed_id, connection.requested_scopes.to_vec()),
             };
-            sqlx::query(UPSERT_CONNECTION_SQL)
+            let stored: Row = sqlx::query_as(&upsert_sql)
                 .bind(id)
                 .bind(connection.user_id)
                 .bind(connection.provider)
@@ -294,15 +302,19 @@ impl Database {
                 .bind(Json(connection.granted_scopes))
                 .bind(Json(&requested))
                 .bind(connection.now)
-                .execute(&mut *tx)
+                .fetch_one(&mut *tx)
                 .await?;
-            let previous: Option<crate::storage::tokens::SealedTokens> =
-                sqlx::query_as(&tokens_sql).bind(id).fetch_optional(&mut *tx).await?;
+            let previous: Option<crate::storage::tokens::SealedTokens> = match existing {
+                Some(_) => sqlx::query_as(&tokens_sql).bind(id).fetch_optional(&mut *tx).await?,
+                None => None,
+            };
             let tokens = seal_tokens(id, previous.as_ref())?;
             crate::storage::tokens::upsert_tokens_query!(&tokens).fetch_one(&mut *tx).await?;
             consent.integration_id = Some(id);
             crate::storage::consents::insert_consent_query!(consent).execute(&mut *tx).await?;
-            let stored: Row = sqlx::query_as(&get_sql).bind(id).fetch_one(&mut *tx).await?;
+            crate::storage::state::record_result_query!(connection.authorization_id, Some(id), None)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
             Ok(SavedConnection { integration: Integration::try_from(stored)?, created: existing.is_none() })
         })

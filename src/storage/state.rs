@@ -37,6 +37,23 @@ const COLUMNS: &str = "id, state_hash, user_id, provider, redirect_uri, requeste
     integration_id, return_to, key_id, pkce_verifier, nonce, client_ip, user_agent, created_at, \
     expires_at, used_at, result_integration_id, result_error";
 
+pub(crate) const RECORD_RESULT_SQL: &str =
+    "UPDATE oauth_state SET result_integration_id = $2, result_error = $3 WHERE id = $1";
+
+/// The record of how the authorization request `id` ended, bound and ready for any executor
+/// (pool or transaction).
+macro_rules! record_result_query {
+    ($id:expr, $integration_id:expr, $error:expr) => {{
+        let (id, integration_id, error): (uuid::Uuid, Option<uuid::Uuid>, Option<&str>) =
+            ($id, $integration_id, $error);
+        sqlx::query($crate::storage::state::RECORD_RESULT_SQL)
+            .bind(id)
+            .bind(integration_id)
+            .bind(error)
+    }};
+}
+pub(crate) use record_result_query;
+
 impl Database {
     pub async fn insert_pending_authorization(
         &self,
@@ -116,19 +133,15 @@ impl Database {
             .await)?)
     }
 
-    /// Records how a consumed request ended, for replayed callbacks.
+    /// Records how a consumed request ended, for replayed callbacks (a saved connection
+    /// records its own, in its transaction).
     pub async fn record_authorization_result(
         &self,
         id: Uuid,
         integration_id: Option<Uuid>,
         error: Option<&str>,
     ) -> StorageResult<()> {
-        let sql =
-            "UPDATE oauth_state SET result_integration_id = $2, result_error = $3 WHERE id = $1";
-        with_writer!(self, pool => sqlx::query(sql)
-            .bind(id)
-            .bind(integration_id)
-            .bind(error)
+        with_writer!(self, pool => record_result_query!(id, integration_id, error)
             .execute(pool)
             .await
             .map(|_| ()))?;

@@ -4,10 +4,11 @@ use chrono::Duration;
 use oauth_manager::clock::Clock;
 use oauth_manager::storage::audit::{NewAuditEvent, Outcome};
 use oauth_manager::storage::consents::Consent;
-use oauth_manager::storage::integrations::IntegrationFilter;
+use oauth_manager::storage::integrations::{IntegrationFilter, NewConnection};
 use oauth_manager::storage::scopes::ScopeEntry;
+use oauth_manager::storage::state::PendingAuthorization;
 use oauth_manager::storage::tokens::SealedTokens;
-use oauth_manager::storage::Page;
+use oauth_manager::storage::{Page, StorageError};
 use serde_json::json;
 use sqlx::types::Json;
 use uuid::Uuid;
@@ -199,13 +200,11 @@ async fn token_writes_bump_the_generation_and_cascade_with_the_integration() {
     );
 }
 
-#[tokio::test]
-async fn a_pending_authorization_is_consumed_exactly_once_under_concurrency() {
-    let app = spawn_app().await;
-    let now = app.clock.now();
-    let pending = oauth_manager::storage::state::PendingAuthorization {
+/// A pending authorization of alice's, for Google, under the state hash `[hash; 32]`.
+fn pending_authorization(hash: u8, now: chrono::DateTime<chrono::Utc>) -> PendingAuthorization {
+    PendingAuthorization {
         id: Uuid::now_v7(),
-        state_hash: vec![7; 32],
+        state_hash: vec![hash; 32],
         user_id: "alice".into(),
         provider: "google".into(),
         redirect_uri: "https://example.test/cb".into(),
@@ -222,7 +221,14 @@ async fn a_pending_authorization_is_consumed_exactly_once_under_concurrency() {
         used_at: None,
         result_integration_id: None,
         result_error: None,
-    };
+    }
+}
+
+#[tokio::test]
+async fn a_pending_authorization_is_consumed_exactly_once_under_concurrency() {
+    let app = spawn_app().await;
+    let now = app.clock.now();
+    let pending = pending_authorization(7, now);
     app.db
         .insert_pending_authorization(&pending)
         .await
@@ -251,11 +257,9 @@ async fn a_pending_authorization_is_consumed_exactly_once_under_concurrency() {
     );
 }
 
-#[tokio::test]
-async fn consents_scopes_and_audit_events_are_stored_and_listed() {
-    let app = spawn_app().await;
-    let now = app.clock.now();
-    let consent = Consent {
+/// A consent of alice's to Google, not yet bound to an integration.
+fn consent_to_google(now: chrono::DateTime<chrono::Utc>) -> Consent {
+    Consent {
         id: Uuid::now_v7(),
         user_id: "alice".into(),
         provider: "google".into(),
@@ -267,7 +271,133 @@ async fn consents_scopes_and_audit_events_are_stored_and_listed() {
         user_agent: Some("test".into()),
         granted_at: now,
         withdrawn_at: None,
+    }
+}
+
+/// The result a replayed callback of `pending` would find.
+async fn recorded_result(
+    db: &oauth_manager::storage::Database,
+    pending: &PendingAuthorization,
+) -> Option<Uuid> {
+    db.find_pending_authorization(&pending.state_hash)
+        .await
+        .expect("read")
+        .expect("pending row")
+        .result_integration_id
+}
+
+#[tokio::test]
+async fn a_saved_connection_records_its_authorization_result_in_its_own_transaction() {
+    let app = spawn_app().await;
+    let now = app.clock.now();
+    let metadata = json!({"issuer": "https://accounts.google.com"});
+    let openid = ["openid".to_owned()];
+    let calendar = ["calendar".to_owned()];
+    let connection = |pending: &PendingAuthorization, requested| NewConnection {
+        proposed_id: Uuid::now_v7(),
+        user_id: "alice",
+        provider: "google",
+        provider_account_id: "g-1",
+        account_email: Some("alice@example.test"),
+        account_name: None,
+        account_metadata: &metadata,
+        granted_scopes: &openid,
+        requested_scopes: requested,
+        now,
+        authorization_id: pending.id,
     };
+    let first = pending_authorization(1, now);
+    app.db
+        .insert_pending_authorization(&first)
+        .await
+        .expect("insert");
+
+    // A save that fails half-way records no result either.
+    let refused = app
+        .db
+        .save_connection(
+            &connection(&first, &openid),
+            |_, _| Err(StorageError::Corrupt("sealing refused".into())),
+            &mut consent_to_google(now),
+        )
+        .await;
+    assert!(refused.is_err());
+    assert_eq!(recorded_result(&app.db, &first).await, None);
+    assert_eq!(
+        app.db
+            .list_integrations(
+                &IntegrationFilter::default(),
+                Page {
+                    after: None,
+                    limit: 5
+                }
+            )
+            .await
+            .expect("list")
+            .items,
+        []
+    );
+
+    let saved = app
+        .db
+        .save_connection(
+            &connection(&first, &openid),
+            |id, previous| {
+                assert!(previous.is_none(), "a new integration has no tokens yet");
+                Ok(sealed(id, now))
+            },
+            &mut consent_to_google(now),
+        )
+        .await
+        .expect("save");
+    assert!(saved.created);
+    assert_eq!(
+        recorded_result(&app.db, &first).await,
+        Some(saved.integration.id)
+    );
+    let stored = app
+        .db
+        .get_integration(saved.integration.id)
+        .await
+        .expect("read");
+    assert_eq!(
+        stored.as_ref(),
+        Some(&saved.integration),
+        "the row as stored"
+    );
+
+    // Connecting the same account again: the same row, its tokens offered to the sealer.
+    let second = pending_authorization(2, now);
+    app.db
+        .insert_pending_authorization(&second)
+        .await
+        .expect("insert");
+    let again = app
+        .db
+        .save_connection(
+            &connection(&second, &calendar),
+            |id, previous| {
+                assert_eq!(previous.map(|tokens| tokens.integration_id), Some(id));
+                Ok(sealed(id, now))
+            },
+            &mut consent_to_google(now),
+        )
+        .await
+        .expect("save again");
+    assert!(!again.created);
+    assert_eq!(again.integration.id, saved.integration.id);
+    assert_eq!(again.integration.requested_scopes, ["calendar", "openid"]);
+    assert_eq!(
+        recorded_result(&app.db, &second).await,
+        Some(saved.integration.id)
+    );
+}
+
+#[tokio::test]
+async fn consents_scopes_and_audit_events_are_stored_and_listed() {
+    let app = spawn_app().await;
+    let now = app.clock.now();
+    let consent = consent_to_google(now);
     app.db.insert_consent(&consent).await.expect("consent");
     let listed = app
         .db
