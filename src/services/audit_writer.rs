@@ -24,13 +24,14 @@
 //! Hand-out counts are the one write that can wait (with a window of zero, hand-outs are rows
 //! of their own and never held): while callers wait in memory for a token load or refresh
 //! ([`Crowds`]), those that fall due are held back until every caller has been woken with the
-//! result, for at most [`HOLD_AT_MOST`] between two passes that write every count due, and a
-//! write of many stops before its next transaction of [`COUNTS_PER_COMMIT`]. A second's
-//! hand-outs to a thousand integrations fall due as a thousand rows at once; written during a
-//! refresh storm they delayed the refresh by up to 25 ms (on SQLite behind the write lock, on
-//! PostgreSQL on a busy server; BENCHMARKS.md). Each pass writes the events someone queued
-//! before the counts, so in a chain a count row (about the last window) may follow a later
-//! event; the chain's order is the order of writing, as it always was for counts.
+//! result and its answer has had time to go out, for at most [`HOLD_AT_MOST`] between two
+//! passes that write every count due, and a write of many stops before its next transaction
+//! of [`COUNTS_PER_COMMIT`]. A second's hand-outs to a thousand integrations fall due as a
+//! thousand rows at once; written during a refresh storm they delayed the refresh by up to
+//! 25 ms (on SQLite behind the write lock, on PostgreSQL on a busy server; BENCHMARKS.md). Each
+//! pass writes the events someone queued before the counts, so in a chain a count row (about
+//! the last window) may follow a later event; the chain's order is the order of writing, as it
+//! always was for counts.
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -680,7 +681,7 @@ mod tests {
         async fn new(hold_at_most: Duration) -> Self {
             Self {
                 db: database().await,
-                crowds: Arc::default(),
+                crowds: Arc::new(Crowds::new(Duration::ZERO)),
                 writer: AuditWriter::on_current_runtime(),
                 hold_at_most,
             }
@@ -750,7 +751,7 @@ mod tests {
     #[tokio::test]
     async fn crowds_one_after_the_other_share_one_hold_until_the_writer_catches_up() {
         let db = database().await;
-        let crowds = Arc::new(Crowds::default());
+        let crowds = Arc::new(Crowds::new(Duration::ZERO));
         let deps = deps(&db, &crowds, Duration::from_millis(200));
         let mut hold = Hold::default();
         let first = crowds.wait();
@@ -802,7 +803,7 @@ mod tests {
     #[tokio::test]
     async fn writing_counts_stops_at_a_transaction_boundary_while_a_crowd_waits() {
         let db = database().await;
-        let crowds = Arc::new(Crowds::default());
+        let crowds = Arc::new(Crowds::new(Duration::ZERO));
         let deps = deps(&db, &crowds, Duration::from_secs(30));
         let counts = || {
             (0..200)

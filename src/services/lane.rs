@@ -17,9 +17,12 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use tokio::runtime::{Builder, Handle, Runtime};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::{ServiceError, ServiceResult};
 use crate::storage::Database;
@@ -85,14 +88,28 @@ impl Drop for Lane {
 }
 
 /// Callers waiting in memory for a token load or refresh under way (a crowd on one expired
-/// token). Background work that can wait holds back while there are any: the audit writer's
-/// hand-out counts that fall due (up to a thousand rows a second under load) would otherwise be
-/// written on the same cores, and on SQLite behind the same write lock, as the refresh the
-/// crowd waits for and the crowd's answers (BENCHMARKS.md, session 16).
-#[derive(Debug, Default)]
+/// token), and for [`ANSWERING`] after the last of them was woken, while their answers go out.
+/// Background work that can wait holds back while there are any: the audit writer's hand-out
+/// counts that fall due (up to a thousand rows a second under load) would otherwise be written
+/// on the same cores, and on SQLite behind the same write lock, as the refresh the crowd waits
+/// for and the crowd's answers (BENCHMARKS.md, sessions 16 and 17).
+#[derive(Debug)]
 pub struct Crowds {
     waiting: AtomicUsize,
     dispersed: Notify,
+    /// When the last caller of the last crowd was woken.
+    woken_at: Mutex<Option<Instant>>,
+    answering: Duration,
+}
+
+/// How long a crowd is still there after its last caller was woken: a thousand answers take
+/// 30–60 ms to go out on two cores (BENCHMARKS.md, session 17).
+pub const ANSWERING: Duration = Duration::from_millis(100);
+
+impl Default for Crowds {
+    fn default() -> Self {
+        Self::new(ANSWERING)
+    }
 }
 
 /// One caller's place in [`Crowds`], from the moment it waits until it is woken.
@@ -101,34 +118,60 @@ pub struct Waiting<'a>(&'a Crowds);
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if self.0.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.woken_at() = Some(Instant::now());
             self.0.dispersed.notify_waiters();
         }
     }
 }
 
 impl Crowds {
+    /// Crowds that are there for `answering` after their last caller was woken.
+    pub fn new(answering: Duration) -> Self {
+        Self {
+            waiting: AtomicUsize::new(0),
+            dispersed: Notify::new(),
+            woken_at: Mutex::new(None),
+            answering,
+        }
+    }
+
     pub fn wait(&self) -> Waiting<'_> {
         self.waiting.fetch_add(1, Ordering::AcqRel);
         Waiting(self)
     }
 
-    /// Whether anyone is waiting now.
+    /// Whether anyone is waiting now, or was woken less than `answering` ago.
     pub fn any(&self) -> bool {
-        self.waiting.load(Ordering::Acquire) > 0
+        self.waiting.load(Ordering::Acquire) > 0 || self.answering_until().is_some()
     }
 
-    /// Completes once nobody is waiting.
+    /// Completes once nobody is waiting, and the last caller was woken `answering` ago.
     pub async fn dispersed(&self) {
         loop {
             let dispersed = self.dispersed.notified();
             tokio::pin!(dispersed);
             // Registered before the look, so that the last caller leaving in between is seen.
             dispersed.as_mut().enable();
-            if !self.any() {
-                return;
+            if self.waiting.load(Ordering::Acquire) > 0 {
+                dispersed.await;
+                continue;
             }
-            dispersed.await;
+            match self.answering_until() {
+                // A crowd may gather again meanwhile: look again after.
+                Some(until) => tokio::time::sleep_until(until).await,
+                None => return,
+            }
         }
+    }
+
+    /// Until when the last crowd's answers go out, if that is still to come.
+    fn answering_until(&self) -> Option<Instant> {
+        let until = (*self.woken_at())? + self.answering;
+        (Instant::now() < until).then_some(until)
+    }
+
+    fn woken_at(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.woken_at.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -161,5 +204,40 @@ mod tests {
             finished.await.is_ok(),
             "the lane's drop panicked on its thread"
         );
+    }
+
+    #[tokio::test]
+    async fn a_crowd_is_there_until_its_answers_have_had_time_to_go_out() {
+        let crowds = Crowds::new(Duration::from_millis(200));
+        assert!(!crowds.any(), "no crowd yet");
+        let (first, second) = (crowds.wait(), crowds.wait());
+        drop(first);
+        assert!(crowds.any(), "one caller still waits");
+        let began = Instant::now();
+        drop(second);
+        assert!(crowds.any(), "its answers are still going out");
+        crowds.dispersed().await;
+        assert!(
+            began.elapsed() >= Duration::from_millis(200),
+            "dispersed early"
+        );
+        assert!(!crowds.any());
+        // A crowd gathering while the last one's answers go out is waited for too.
+        drop(crowds.wait());
+        let dispersed = crowds.dispersed();
+        tokio::pin!(dispersed);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), dispersed.as_mut())
+                .await
+                .is_err(),
+            "dispersed while answering"
+        );
+        let again = crowds.wait();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(crowds.any(), "the new crowd is forgotten");
+        drop(again);
+        let done = tokio::time::timeout(Duration::from_secs(5), dispersed).await;
+        assert!(done.is_ok(), "never dispersed");
+        assert!(!crowds.any());
     }
 }
