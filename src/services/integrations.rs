@@ -58,19 +58,7 @@ pub async fn visible<P: RequiredPermission>(
     id: Uuid,
     client: &RequestContext,
 ) -> ServiceResult<Integration> {
-    let found = ctx.db.get_integration(id).await?;
-    visible_of(ctx, actor, id, found, client).await
-}
-
-/// [`visible`] of the integration `id` as already read (`found`).
-pub async fn visible_of<P: RequiredPermission>(
-    ctx: &Context,
-    actor: &Actor<P>,
-    id: Uuid,
-    found: Option<Integration>,
-    client: &RequestContext,
-) -> ServiceResult<Integration> {
-    match found {
+    match ctx.db.get_integration(id).await? {
         Some(integration) if actor.can_access(&integration.user_id) => Ok(integration),
         Some(integration) => {
             let event = audit::event(

@@ -206,7 +206,8 @@ impl Database {
 }
 
 /// A completed authorization, saved atomically: the integration (created, or updated when the
-/// same provider account is connected again), its tokens, the consent and the audit event.
+/// same provider account is connected again), its tokens, the consent and the authorization's
+/// result.
 pub struct NewConnection<'a> {
     /// Used when no integration exists yet for this account.
     pub proposed_id: Uuid,
@@ -287,12 +288,12 @@ impl Database {
                 .bind(connection.provider_account_id)
                 .fetch_optional(&mut *tx)
                 .await?;
-            let (id, requested) = match &existing {
+            let (proposed, requested) = match &existing {
                 Some(row) => (row.id, crate::oauth::union(&row.requested_scopes.0, connection.requested_scopes)),
                 None => (connection.proposed_id, connection.requested_scopes.to_vec()),
             };
             let stored: Row = sqlx::query_as(&upsert_sql)
-                .bind(id)
+                .bind(proposed)
                 .bind(connection.user_id)
                 .bind(connection.provider)
                 .bind(connection.provider_account_id)
@@ -304,19 +305,25 @@ impl Database {
                 .bind(connection.now)
                 .fetch_one(&mut *tx)
                 .await?;
-            let previous: Option<crate::storage::tokens::SealedTokens> = match existing {
-                Some(_) => sqlx::query_as(&tokens_sql).bind(id).fetch_optional(&mut *tx).await?,
-                None => None,
+            // The row as stored: on PostgreSQL another callback for the same account may have
+            // inserted it since the read above (the upsert then updated theirs).
+            let id = stored.id;
+            let created = existing.is_none() && id == connection.proposed_id;
+            crate::storage::state::record_result_query!(connection.authorization_id, Some(id), None)
+                .execute(&mut *tx)
+                .await?;
+            let previous: Option<crate::storage::tokens::SealedTokens> = if created {
+                None
+            } else {
+                sqlx::query_as(&tokens_sql).bind(id).fetch_optional(&mut *tx).await?
             };
             let tokens = seal_tokens(id, previous.as_ref())?;
             crate::storage::tokens::upsert_tokens_query!(&tokens).fetch_one(&mut *tx).await?;
             consent.integration_id = Some(id);
             crate::storage::consents::insert_consent_query!(consent).execute(&mut *tx).await?;
-            crate::storage::state::record_result_query!(connection.authorization_id, Some(id), None)
-                .execute(&mut *tx)
-                .await?;
+            let integration = Integration::try_from(stored)?;
             tx.commit().await?;
-            Ok(SavedConnection { integration: Integration::try_from(stored)?, created: existing.is_none() })
+            Ok(SavedConnection { integration, created })
         })
     }
 }

@@ -394,6 +394,58 @@ async fn a_saved_connection_records_its_authorization_result_in_its_own_transact
 }
 
 #[tokio::test]
+async fn concurrent_first_connections_of_one_account_save_one_integration() {
+    let app = spawn_app().await;
+    let now = app.clock.now();
+    for round in 0..5u8 {
+        let account = format!("g-{round}");
+        let saves: Vec<_> = (0..8u8)
+            .map(|n| {
+                let (db, account) = (app.db.clone(), account.clone());
+                tokio::spawn(async move {
+                    let pending = pending_authorization(round * 8 + n, now);
+                    db.insert_pending_authorization(&pending)
+                        .await
+                        .expect("insert");
+                    let (metadata, openid) = (json!({}), ["openid".to_owned()]);
+                    let connection = NewConnection {
+                        proposed_id: Uuid::now_v7(),
+                        user_id: "alice",
+                        provider: "google",
+                        provider_account_id: &account,
+                        account_email: None,
+                        account_name: None,
+                        account_metadata: &metadata,
+                        granted_scopes: &openid,
+                        requested_scopes: &openid,
+                        now,
+                        authorization_id: pending.id,
+                    };
+                    let seal = |id, _: Option<&SealedTokens>| Ok(sealed(id, now));
+                    let saved = db
+                        .save_connection(&connection, seal, &mut consent_to_google(now))
+                        .await;
+                    (saved.map_err(|err| err.to_string()), pending)
+                })
+            })
+            .collect();
+        let mut ids = std::collections::HashSet::new();
+        let mut created = 0;
+        for save in saves {
+            let (saved, pending) = save.await.expect("task");
+            let saved = saved.expect("every callback of the account saves");
+            ids.insert(saved.integration.id);
+            created += usize::from(saved.created);
+            assert_eq!(
+                recorded_result(&app.db, &pending).await,
+                Some(saved.integration.id)
+            );
+        }
+        assert_eq!((ids.len(), created), (1, 1), "round {round}");
+    }
+}
+
+#[tokio::test]
 async fn consents_scopes_and_audit_events_are_stored_and_listed() {
     let app = spawn_app().await;
     let now = app.clock.now();
