@@ -174,8 +174,8 @@ pub struct WriterDeps {
     pub salt: Arc<tokio::sync::OnceCell<Salt>>,
     pub clock: SharedClock,
     pub hand_out_window: Duration,
-    /// Callers waiting for a token: due hand-out counts are held back for them, for at most
-    /// `hold_at_most` ([`HOLD_AT_MOST`]).
+    /// Callers waiting for a token, and being answered: due hand-out counts are held back for
+    /// them, for at most `hold_at_most` ([`HOLD_AT_MOST`]).
     pub crowds: Arc<Crowds>,
     pub hold_at_most: Duration,
 }
@@ -342,8 +342,9 @@ struct Hold {
 }
 
 impl Hold {
-    /// Until when due counts are held back now: `None` when nobody waits, or counts have been
-    /// held back for [`WriterDeps::hold_at_most`] since the writer last caught up.
+    /// Until when due counts are held back now: `None` when there is no crowd (nobody waits,
+    /// and no crowd's answers are going out), or counts have been held back for
+    /// [`WriterDeps::hold_at_most`] since the writer last caught up.
     fn until(&mut self, deps: &WriterDeps) -> Option<Instant> {
         if !deps.crowds.any() {
             return None;
@@ -722,6 +723,25 @@ mod tests {
         assert!(
             eventually(&fixture.db, "token_handed_out", 1).await,
             "not written once the crowd left"
+        );
+    }
+
+    #[tokio::test]
+    async fn due_counts_wait_while_a_woken_crowd_is_answered() {
+        let mut fixture = Fixture::new(Duration::from_secs(30)).await;
+        fixture.crowds = Arc::new(Crowds::new(Duration::from_millis(1500)));
+        let waiting = fixture.crowds.wait();
+        fixture.count_hand_out().await;
+        drop(waiting);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            fixture.hand_out_rows().await,
+            0,
+            "written while the crowd's answers go out"
+        );
+        assert!(
+            eventually(&fixture.db, "token_handed_out", 1).await,
+            "not written once the answers went out"
         );
     }
 

@@ -16,8 +16,7 @@
 //! called the provider 7–22 ms after their first request, BENCHMARKS.md).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::runtime::{Builder, Handle, Runtime};
@@ -97,8 +96,9 @@ impl Drop for Lane {
 pub struct Crowds {
     waiting: AtomicUsize,
     dispersed: Notify,
-    /// When the last caller of the last crowd was woken.
-    woken_at: Mutex<Option<Instant>>,
+    /// When a caller was last woken, in nanoseconds after `since` (0: never).
+    woken_at: AtomicU64,
+    since: Instant,
     answering: Duration,
 }
 
@@ -117,8 +117,9 @@ pub struct Waiting<'a>(&'a Crowds);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
+        // Before leaving: once the count is 0, the time must already say the answers go out.
+        self.0.woken_at.store(self.0.nanos_now(), Ordering::Release);
         if self.0.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.0.woken_at() = Some(Instant::now());
             self.0.dispersed.notify_waiters();
         }
     }
@@ -130,7 +131,8 @@ impl Crowds {
         Self {
             waiting: AtomicUsize::new(0),
             dispersed: Notify::new(),
-            woken_at: Mutex::new(None),
+            woken_at: AtomicU64::new(0),
+            since: Instant::now(),
             answering,
         }
     }
@@ -166,12 +168,19 @@ impl Crowds {
 
     /// Until when the last crowd's answers go out, if that is still to come.
     fn answering_until(&self) -> Option<Instant> {
-        let until = (*self.woken_at())? + self.answering;
+        let woken_at = match self.woken_at.load(Ordering::Acquire) {
+            0 => return None,
+            nanos => self.since + Duration::from_nanos(nanos),
+        };
+        let until = woken_at + self.answering;
         (Instant::now() < until).then_some(until)
     }
 
-    fn woken_at(&self) -> MutexGuard<'_, Option<Instant>> {
-        self.woken_at.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Now, in nanoseconds after `since`; never 0 (which means "never woken").
+    fn nanos_now(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 }
 
@@ -234,10 +243,20 @@ mod tests {
         );
         let again = crowds.wait();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(crowds.any(), "the new crowd is forgotten");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), dispersed.as_mut())
+                .await
+                .is_err(),
+            "dispersed while the new crowd waits"
+        );
+        let left = Instant::now();
         drop(again);
         let done = tokio::time::timeout(Duration::from_secs(5), dispersed).await;
         assert!(done.is_ok(), "never dispersed");
+        assert!(
+            left.elapsed() >= Duration::from_millis(200),
+            "the new crowd's answers were not waited for"
+        );
         assert!(!crowds.any());
     }
 }
