@@ -241,8 +241,7 @@ const UPSERT_CONNECTION_SQL: &str = "INSERT INTO oauth_integrations (id, user_id
       account_email = excluded.account_email, account_name = excluded.account_name, \
       account_metadata = excluded.account_metadata, status = 'active', \
       granted_scopes = excluded.granted_scopes, requested_scopes = excluded.requested_scopes, \
-      updated_at = excluded.updated_at, last_error = NULL, last_error_at = NULL \
-    RETURNING ";
+      updated_at = excluded.updated_at, last_error = NULL, last_error_at = NULL";
 
 impl Database {
     /// Saves a connection in one transaction, with the authorization's result. `seal_tokens`
@@ -272,7 +271,7 @@ impl Database {
             "SELECT {} FROM oauth_tokens WHERE integration_id = $1",
             crate::storage::tokens::COLUMNS
         );
-        let upsert_sql = format!("{UPSERT_CONNECTION_SQL}{COLUMNS}");
+        let upsert_sql = format!("{UPSERT_CONNECTION_SQL} RETURNING {COLUMNS}");
         // SQLite: take the write lock up front. A deferred transaction that reads first cannot
         // upgrade to a write once another connection has committed (SQLITE_BUSY_SNAPSHOT,
         // returned at once, no busy wait): concurrent callbacks failed with "database is locked".
@@ -308,7 +307,8 @@ impl Database {
             // The row as stored: on PostgreSQL another callback for the same account may have
             // inserted it since the read above (the upsert then updated theirs).
             let id = stored.id;
-            let created = existing.is_none() && id == connection.proposed_id;
+            // An existing row keeps its id: only a row this call inserted has the proposed one.
+            let created = id == connection.proposed_id;
             crate::storage::state::record_result_query!(connection.authorization_id, Some(id), None)
                 .execute(&mut *tx)
                 .await?;

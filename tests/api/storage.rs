@@ -286,6 +286,30 @@ async fn recorded_result(
         .result_integration_id
 }
 
+/// Alice's Google account `account`, connected as `pending` completes.
+fn connection_of<'a>(
+    account: &'a str,
+    metadata: &'a serde_json::Value,
+    granted: &'a [String],
+    requested: &'a [String],
+    pending: &PendingAuthorization,
+    now: chrono::DateTime<chrono::Utc>,
+) -> NewConnection<'a> {
+    NewConnection {
+        proposed_id: Uuid::now_v7(),
+        user_id: "alice",
+        provider: "google",
+        provider_account_id: account,
+        account_email: Some("alice@example.test"),
+        account_name: None,
+        account_metadata: metadata,
+        granted_scopes: granted,
+        requested_scopes: requested,
+        now,
+        authorization_id: pending.id,
+    }
+}
+
 #[tokio::test]
 async fn a_saved_connection_records_its_authorization_result_in_its_own_transaction() {
     let app = spawn_app().await;
@@ -293,18 +317,8 @@ async fn a_saved_connection_records_its_authorization_result_in_its_own_transact
     let metadata = json!({"issuer": "https://accounts.google.com"});
     let openid = ["openid".to_owned()];
     let calendar = ["calendar".to_owned()];
-    let connection = |pending: &PendingAuthorization, requested| NewConnection {
-        proposed_id: Uuid::now_v7(),
-        user_id: "alice",
-        provider: "google",
-        provider_account_id: "g-1",
-        account_email: Some("alice@example.test"),
-        account_name: None,
-        account_metadata: &metadata,
-        granted_scopes: &openid,
-        requested_scopes: requested,
-        now,
-        authorization_id: pending.id,
+    let connection = |pending: &PendingAuthorization, requested| {
+        connection_of("g-1", &metadata, &openid, requested, pending, now)
     };
     let first = pending_authorization(1, now);
     app.db
@@ -408,19 +422,8 @@ async fn concurrent_first_connections_of_one_account_save_one_integration() {
                         .await
                         .expect("insert");
                     let (metadata, openid) = (json!({}), ["openid".to_owned()]);
-                    let connection = NewConnection {
-                        proposed_id: Uuid::now_v7(),
-                        user_id: "alice",
-                        provider: "google",
-                        provider_account_id: &account,
-                        account_email: None,
-                        account_name: None,
-                        account_metadata: &metadata,
-                        granted_scopes: &openid,
-                        requested_scopes: &openid,
-                        now,
-                        authorization_id: pending.id,
-                    };
+                    let connection =
+                        connection_of(&account, &metadata, &openid, &openid, &pending, now);
                     let seal = |id, _: Option<&SealedTokens>| Ok(sealed(id, now));
                     let saved = db
                         .save_connection(&connection, seal, &mut consent_to_google(now))
