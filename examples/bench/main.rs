@@ -82,8 +82,8 @@ const USAGE: &str = "usage: cargo run --release --example bench -- [options]
                            given by --postgres-url or TEST_DATABASE_URL, else sqlite)
   --postgres-url URL       PostgreSQL server; a fresh database is created and dropped
 
-Environment: OAUTH_DATABASE_MAX_CONNECTIONS, OAUTH_MAX_CONCURRENT_REQUESTS and
-OAUTH_MAX_CONNECTIONS, when set, reach the benchmarked service; LD_PRELOAD and MALLOC_*/MIMALLOC_* also reach the fleet's `serve`.";
+Environment: OAUTH_DATABASE_MAX_CONNECTIONS, OAUTH_MAX_CONCURRENT_REQUESTS,
+OAUTH_MAX_CONNECTIONS and OAUTH_TOKEN_CACHE_SECONDS, when set, reach the benchmarked service; LD_PRELOAD and MALLOC_*/MIMALLOC_* also reach the fleet's `serve`.";
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -389,6 +389,7 @@ const PASSED_SETTINGS: &[&str] = &[
     "OAUTH_DATABASE_MAX_CONNECTIONS",
     "OAUTH_MAX_CONCURRENT_REQUESTS",
     "OAUTH_MAX_CONNECTIONS",
+    "OAUTH_TOKEN_CACHE_SECONDS",
 ];
 
 async fn start_service(database_url: &str, fake: &FakeProvider) -> anyhow::Result<Service> {

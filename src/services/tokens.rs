@@ -396,10 +396,24 @@ async fn load_usable(
     client: &RequestContext,
 ) -> ServiceResult<(Integration, ServiceResult<TokenSet>)> {
     let start = ctx.tokens_cache.read_start();
-    let integration = integrations::visible(ctx, actor, id, client).await?;
-    let trigger = Trigger::OnDemand;
     let user = actor.user_id();
-    let result = usable_tokens(ctx, &integration, trigger, user, client, start).await;
+    let (integration, sealed) = match ctx.db.get_integration_with_tokens(id).await? {
+        Some((integration, sealed)) if actor.can_access(&integration.user_id) => {
+            (integration, Some(sealed))
+        }
+        // Absent, someone else's or without tokens: the path that tells them apart (and
+        // audits the attempt on someone else's).
+        _ => (integrations::visible(ctx, actor, id, client).await?, None),
+    };
+    let trigger = Trigger::OnDemand;
+    let result = match (check_status(&integration), sealed) {
+        (Err(refused), _) => Err(refused),
+        (Ok(()), Some(sealed)) => {
+            let read = Read { sealed, start };
+            ensure_fresh_from(ctx, &integration, trigger, user, client, read).await
+        }
+        (Ok(()), None) => ensure_fresh(ctx, &integration, trigger, user, client, start).await,
+    };
     Ok((integration, result))
 }
 
@@ -551,12 +565,17 @@ async fn usable_tokens(
     client: &RequestContext,
     start: ReadStart,
 ) -> ServiceResult<TokenSet> {
-    match integration.status {
-        IntegrationStatus::Revoked => return Err(ServiceError::IntegrationRevoked),
-        IntegrationStatus::NeedsReauth => return Err(reauth(integration)),
-        IntegrationStatus::Active | IntegrationStatus::Error => {}
-    }
+    check_status(integration)?;
     ensure_fresh(ctx, integration, trigger, actor, client, start).await
+}
+
+/// Whether an integration in this state may hand out tokens at all.
+fn check_status(integration: &Integration) -> ServiceResult<()> {
+    match integration.status {
+        IntegrationStatus::Revoked => Err(ServiceError::IntegrationRevoked),
+        IntegrationStatus::NeedsReauth => Err(reauth(integration)),
+        IntegrationStatus::Active | IntegrationStatus::Error => Ok(()),
+    }
 }
 
 fn reauth(integration: &Integration) -> ServiceError {
@@ -584,6 +603,26 @@ pub async fn ensure_fresh(
         .get_tokens(integration.id)
         .await?
         .ok_or_else(|| reauth(integration))?;
+    let read = Read { sealed, start };
+    ensure_fresh_from(ctx, integration, trigger, actor, client, read).await
+}
+
+/// A token row as read, and where the reads behind it began (for the cache).
+struct Read {
+    sealed: SealedTokens,
+    start: ReadStart,
+}
+
+/// [`ensure_fresh`] with the token row already read.
+async fn ensure_fresh_from(
+    ctx: &Context,
+    integration: &Integration,
+    trigger: Trigger,
+    actor: &str,
+    client: &RequestContext,
+    read: Read,
+) -> ServiceResult<TokenSet> {
+    let Read { sealed, start } = read;
     let current = ctx.vault.open(&integration.user_id, &sealed)?;
     if !needs_refresh(
         &trigger,

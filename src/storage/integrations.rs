@@ -8,6 +8,7 @@ use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use super::tokens::SealedTokens;
 use super::{with_pool, with_writer, Database, Page, Paged, StorageError, StorageResult};
 
 #[derive(
@@ -83,11 +84,23 @@ struct Row {
     status: String,
     granted_scopes: Json<Vec<String>>,
     requested_scopes: Json<Vec<String>>,
+    /// Aliased in reads ([`SELECTED`]): the token row has columns of the same names.
+    #[sqlx(rename = "integration_created_at")]
     created_at: DateTime<Utc>,
+    #[sqlx(rename = "integration_updated_at")]
     updated_at: DateTime<Utc>,
     last_refreshed_at: Option<DateTime<Utc>>,
     last_error: Option<String>,
     last_error_at: Option<DateTime<Utc>>,
+}
+
+/// An integration row with its token row, read together.
+#[derive(sqlx::FromRow)]
+struct RowWithTokens {
+    #[sqlx(flatten)]
+    integration: Row,
+    #[sqlx(flatten)]
+    tokens: SealedTokens,
 }
 
 impl TryFrom<Row> for Integration {
@@ -116,6 +129,12 @@ impl TryFrom<Row> for Integration {
 
 const COLUMNS: &str = "id, user_id, provider, provider_account_id, account_email, account_name, \
     account_metadata, status, granted_scopes, requested_scopes, created_at, updated_at, \
+    last_refreshed_at, last_error, last_error_at";
+
+/// [`COLUMNS`] as a read selects them, in the names [`Row`] takes.
+const SELECTED: &str = "id, user_id, provider, provider_account_id, account_email, account_name, \
+    account_metadata, status, granted_scopes, requested_scopes, \
+    created_at AS integration_created_at, updated_at AS integration_updated_at, \
     last_refreshed_at, last_error, last_error_at";
 
 /// What listing filters on; `None` means "any".
@@ -160,7 +179,7 @@ impl Database {
     }
 
     pub async fn get_integration(&self, id: Uuid) -> StorageResult<Option<Integration>> {
-        let sql = format!("SELECT {COLUMNS} FROM oauth_integrations WHERE id = $1");
+        let sql = format!("SELECT {SELECTED} FROM oauth_integrations WHERE id = $1");
         let row: Option<Row> = with_pool!(self, pool => sqlx::query_as(&sql)
             .bind(id)
             .fetch_optional(pool)
@@ -168,9 +187,30 @@ impl Database {
         row.map(Integration::try_from).transpose()
     }
 
+    /// The integration with its token row, in one read (one snapshot): the token hand-out's
+    /// first step, where on a crowded machine every round trip waits for a core. `None` when
+    /// either is missing; the caller's fuller path tells which.
+    pub async fn get_integration_with_tokens(
+        &self,
+        id: Uuid,
+    ) -> StorageResult<Option<(Integration, SealedTokens)>> {
+        let integration = SELECTED.replace(", ", ", i.");
+        let tokens = super::tokens::joined_columns();
+        let sql = format!(
+            "SELECT i.{integration}, {tokens} FROM oauth_integrations i \
+             JOIN oauth_tokens t ON t.integration_id = i.id WHERE i.id = $1"
+        );
+        let row: Option<RowWithTokens> = with_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(pool)
+            .await)?;
+        row.map(|row| Ok((Integration::try_from(row.integration)?, row.tokens)))
+            .transpose()
+    }
+
     /// The integrations among `ids` that exist, in no particular order.
     pub async fn get_integrations(&self, ids: &[Uuid]) -> StorageResult<Vec<Integration>> {
-        let select = format!("SELECT {COLUMNS} FROM oauth_integrations WHERE id");
+        let select = format!("SELECT {SELECTED} FROM oauth_integrations WHERE id");
         let rows: Vec<Row> = self.rows_with_ids(&select, ids).await?;
         rows.into_iter().map(Integration::try_from).collect()
     }
@@ -182,7 +222,7 @@ impl Database {
         page: Page<Uuid>,
     ) -> StorageResult<Paged<Integration, Uuid>> {
         let sql = format!(
-            "SELECT {COLUMNS} FROM oauth_integrations \
+            "SELECT {SELECTED} FROM oauth_integrations \
              WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR provider = $2) \
                AND ($3 IS NULL OR status = $3) AND ($4 IS NULL OR id > $4) \
              ORDER BY id LIMIT $5"
@@ -258,20 +298,17 @@ impl Database {
         consent: &mut crate::storage::consents::Consent,
     ) -> StorageResult<SavedConnection>
     where
-        F: Fn(
-            Uuid,
-            Option<&crate::storage::tokens::SealedTokens>,
-        ) -> StorageResult<crate::storage::tokens::SealedTokens>,
+        F: Fn(Uuid, Option<&SealedTokens>) -> StorageResult<SealedTokens>,
     {
         let find_sql = format!(
-            "SELECT {COLUMNS} FROM oauth_integrations \
+            "SELECT {SELECTED} FROM oauth_integrations \
              WHERE user_id = $1 AND provider = $2 AND provider_account_id = $3"
         );
         let tokens_sql = format!(
             "SELECT {} FROM oauth_tokens WHERE integration_id = $1",
             crate::storage::tokens::COLUMNS
         );
-        let upsert_sql = format!("{UPSERT_CONNECTION_SQL} RETURNING {COLUMNS}");
+        let upsert_sql = format!("{UPSERT_CONNECTION_SQL} RETURNING {SELECTED}");
         // SQLite: take the write lock up front. A deferred transaction that reads first cannot
         // upgrade to a write once another connection has committed (SQLITE_BUSY_SNAPSHOT,
         // returned at once, no busy wait): concurrent callbacks failed with "database is locked".
@@ -312,7 +349,7 @@ impl Database {
             crate::storage::state::record_result_query!(connection.authorization_id, Some(id), None)
                 .execute(&mut *tx)
                 .await?;
-            let previous: Option<crate::storage::tokens::SealedTokens> = if created {
+            let previous: Option<SealedTokens> = if created {
                 None
             } else {
                 sqlx::query_as(&tokens_sql).bind(id).fetch_optional(&mut *tx).await?

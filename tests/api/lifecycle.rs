@@ -129,6 +129,42 @@ async fn tokens_need_the_tokens_read_permission_and_are_never_someone_elses() {
     assert_eq!(status, 403, "unknown role grants nothing");
 }
 
+/// With `tokens:read` on their own data only, a user gets their own token and never another
+/// user's: before the token is cached (the read path) and after (the cached path), answered as
+/// if it did not exist, and the attempt audited.
+#[tokio::test]
+async fn a_user_who_may_read_own_tokens_never_gets_someone_else_s() {
+    let (app, fake) = spawn_with_fake_and(&[(
+        "OAUTH_ROLE_PERMISSIONS",
+        r#"{"user": ["integrations:read", "integrations:write", "tokens:read"]}"#,
+    )])
+    .await;
+    let id = connected(&app, &fake, "google", "g-1").await;
+    let path = format!("/api/v1/oauth/integrations/{id}/token");
+    let (status, body) = problem(app.get_as(&path, "bob", &["user"]).await).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("not_found")),
+        "cold"
+    );
+    let own = app.get_as(&path, "alice", &["user"]).await;
+    assert_eq!(own.status(), 200, "her own");
+    let (status, body) = problem(app.get_as(&path, "bob", &["user"]).await).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("not_found")),
+        "cached"
+    );
+    let denied = crate::support::audit_events(&app, Some("alice"))
+        .await
+        .items
+        .into_iter()
+        .filter(|event| event.action == "access_denied")
+        .filter(|event| event.actor_user_id.as_deref() == Some("bob"))
+        .count();
+    assert_eq!(denied, 2, "both attempts audited");
+}
+
 #[tokio::test]
 async fn a_hundred_concurrent_callers_cause_exactly_one_refresh() {
     let (app, fake) = spawn_with_fake().await;

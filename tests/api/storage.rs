@@ -154,6 +154,38 @@ async fn a_token_row_is_read_with_its_integration_s_current_status() {
     assert!(read(other.id).await.expect("read").is_none());
 }
 
+/// The hand-out's first read: an integration and its token row together, each exactly as
+/// read alone (their `created_at` and `updated_at` columns share names and must not mix), and
+/// nothing for an integration without tokens or an unknown id.
+#[tokio::test]
+async fn an_integration_is_read_with_its_token_row_in_one_read() {
+    let app = spawn_app().await;
+    let integration = app.seed_integration("alice", "google").await;
+    let id = integration.id;
+    let read = |id| app.db.get_integration_with_tokens(id);
+    assert!(read(id).await.expect("read").is_none(), "no tokens yet");
+    // A new token row is created and updated at `updated_at`: 7 s after the integration.
+    let later = app.clock.now() + Duration::seconds(7);
+    let tokens = SealedTokens {
+        updated_at: later,
+        ..sealed(id, later)
+    };
+    app.db.upsert_tokens(&tokens).await.expect("tokens");
+    let (read_integration, read_tokens) = read(id).await.expect("read").expect("row");
+    assert_eq!(read_integration, integration, "the integration as stored");
+    let alone = app.db.get_tokens(id).await.expect("read").expect("row");
+    assert_eq!(read_tokens, alone, "the same row as get_tokens reads");
+    assert_eq!(
+        (read_tokens.created_at, read_tokens.updated_at),
+        (later, later)
+    );
+    assert_ne!(
+        read_integration.created_at, later,
+        "the two rows' times differ"
+    );
+    assert!(read(Uuid::now_v7()).await.expect("read").is_none());
+}
+
 #[tokio::test]
 async fn token_writes_bump_the_generation_and_cascade_with_the_integration() {
     let app = spawn_app().await;
