@@ -58,7 +58,18 @@ pub async fn visible<P: RequiredPermission>(
     id: Uuid,
     client: &RequestContext,
 ) -> ServiceResult<Integration> {
-    match ctx.db.get_integration(id).await? {
+    let found = ctx.db.get_integration(id).await?;
+    visible_as_read(ctx, actor, found, client).await
+}
+
+/// [`visible`] for an integration already read (`found`, `None` when there is none).
+pub async fn visible_as_read<P: RequiredPermission>(
+    ctx: &Context,
+    actor: &Actor<P>,
+    found: Option<Integration>,
+    client: &RequestContext,
+) -> ServiceResult<Integration> {
+    match found {
         Some(integration) if actor.can_access(&integration.user_id) => Ok(integration),
         Some(integration) => {
             let event = audit::event(
@@ -70,7 +81,7 @@ pub async fn visible<P: RequiredPermission>(
                 ctx.clock.now(),
             )
             .provider(&integration.provider)
-            .integration(Some(id))
+            .integration(Some(integration.id))
             .reason("not_owner")
             .details(json!({"permission": P::PERMISSION}));
             audit::record(ctx, &event).await;

@@ -396,23 +396,17 @@ async fn load_usable(
     client: &RequestContext,
 ) -> ServiceResult<(Integration, ServiceResult<TokenSet>)> {
     let start = ctx.tokens_cache.read_start();
-    let user = actor.user_id();
-    let (integration, sealed) = match ctx.db.get_integration_with_tokens(id).await? {
-        Some((integration, sealed)) if actor.can_access(&integration.user_id) => {
-            (integration, Some(sealed))
-        }
-        // Absent, someone else's or without tokens: the path that tells them apart (and
-        // audits the attempt on someone else's).
-        _ => (integrations::visible(ctx, actor, id, client).await?, None),
-    };
-    let trigger = Trigger::OnDemand;
+    let (found, sealed) = ctx.db.get_integration_with_tokens(id).await?.unzip();
+    let sealed = sealed.flatten();
+    let integration = integrations::visible_as_read(ctx, actor, found, client).await?;
     let result = match (check_status(&integration), sealed) {
         (Err(refused), _) => Err(refused),
+        (Ok(()), None) => Err(reauth(&integration)),
         (Ok(()), Some(sealed)) => {
-            let read = Read { sealed, start };
-            ensure_fresh_from(ctx, &integration, trigger, user, client, read).await
+            let read = TokenRead { sealed, start };
+            let user = actor.user_id();
+            ensure_fresh_from(ctx, &integration, Trigger::OnDemand, user, client, read).await
         }
-        (Ok(()), None) => ensure_fresh(ctx, &integration, trigger, user, client, start).await,
     };
     Ok((integration, result))
 }
@@ -603,12 +597,12 @@ pub async fn ensure_fresh(
         .get_tokens(integration.id)
         .await?
         .ok_or_else(|| reauth(integration))?;
-    let read = Read { sealed, start };
+    let read = TokenRead { sealed, start };
     ensure_fresh_from(ctx, integration, trigger, actor, client, read).await
 }
 
 /// A token row as read, and where the reads behind it began (for the cache).
-struct Read {
+struct TokenRead {
     sealed: SealedTokens,
     start: ReadStart,
 }
@@ -620,9 +614,9 @@ async fn ensure_fresh_from(
     trigger: Trigger,
     actor: &str,
     client: &RequestContext,
-    read: Read,
+    read: TokenRead,
 ) -> ServiceResult<TokenSet> {
-    let Read { sealed, start } = read;
+    let TokenRead { sealed, start } = read;
     let current = ctx.vault.open(&integration.user_id, &sealed)?;
     if !needs_refresh(
         &trigger,

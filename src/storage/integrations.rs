@@ -84,7 +84,7 @@ struct Row {
     status: String,
     granted_scopes: Json<Vec<String>>,
     requested_scopes: Json<Vec<String>>,
-    /// Aliased in reads ([`SELECTED`]): the token row has columns of the same names.
+    /// Aliased in reads ([`READ_COLUMNS`]): the token row has columns of the same names.
     #[sqlx(rename = "integration_created_at")]
     created_at: DateTime<Utc>,
     #[sqlx(rename = "integration_updated_at")]
@@ -94,13 +94,33 @@ struct Row {
     last_error_at: Option<DateTime<Utc>>,
 }
 
-/// An integration row with its token row, read together.
-#[derive(sqlx::FromRow)]
+/// An integration row with its token row, if it has one, read together (`LEFT JOIN`).
 struct RowWithTokens {
-    #[sqlx(flatten)]
     integration: Row,
-    #[sqlx(flatten)]
-    tokens: SealedTokens,
+    tokens: Option<SealedTokens>,
+}
+
+impl<'r, R> sqlx::FromRow<'r, R> for RowWithTokens
+where
+    R: sqlx::Row,
+    Row: sqlx::FromRow<'r, R>,
+    SealedTokens: sqlx::FromRow<'r, R>,
+    &'r str: sqlx::ColumnIndex<R>,
+    Option<Uuid>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    fn from_row(row: &'r R) -> Result<Self, sqlx::Error> {
+        let integration = Row::from_row(row)?;
+        // Null only when the join found no token row: the column is the row's primary key.
+        let token_row: Option<Uuid> = row.try_get("integration_id")?;
+        let tokens = match token_row {
+            Some(_) => Some(SealedTokens::from_row(row)?),
+            None => None,
+        };
+        Ok(Self {
+            integration,
+            tokens,
+        })
+    }
 }
 
 impl TryFrom<Row> for Integration {
@@ -127,12 +147,14 @@ impl TryFrom<Row> for Integration {
     }
 }
 
-const COLUMNS: &str = "id, user_id, provider, provider_account_id, account_email, account_name, \
+const INSERT_COLUMNS: &str =
+    "id, user_id, provider, provider_account_id, account_email, account_name, \
     account_metadata, status, granted_scopes, requested_scopes, created_at, updated_at, \
     last_refreshed_at, last_error, last_error_at";
 
-/// [`COLUMNS`] as a read selects them, in the names [`Row`] takes.
-const SELECTED: &str = "id, user_id, provider, provider_account_id, account_email, account_name, \
+/// [`INSERT_COLUMNS`] as a read selects them, in the names [`Row`] takes.
+const READ_COLUMNS: &str =
+    "id, user_id, provider, provider_account_id, account_email, account_name, \
     account_metadata, status, granted_scopes, requested_scopes, \
     created_at AS integration_created_at, updated_at AS integration_updated_at, \
     last_refreshed_at, last_error, last_error_at";
@@ -153,7 +175,7 @@ pub(super) const MARK_REFRESHED_SQL: &str =
 impl Database {
     pub async fn insert_integration(&self, integration: &Integration) -> StorageResult<()> {
         let sql = format!(
-            "INSERT INTO oauth_integrations ({COLUMNS}) \
+            "INSERT INTO oauth_integrations ({INSERT_COLUMNS}) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
         );
         with_writer!(self, pool => sqlx::query(&sql)
@@ -179,7 +201,7 @@ impl Database {
     }
 
     pub async fn get_integration(&self, id: Uuid) -> StorageResult<Option<Integration>> {
-        let sql = format!("SELECT {SELECTED} FROM oauth_integrations WHERE id = $1");
+        let sql = format!("SELECT {READ_COLUMNS} FROM oauth_integrations WHERE id = $1");
         let row: Option<Row> = with_pool!(self, pool => sqlx::query_as(&sql)
             .bind(id)
             .fetch_optional(pool)
@@ -187,18 +209,17 @@ impl Database {
         row.map(Integration::try_from).transpose()
     }
 
-    /// The integration with its token row, in one read (one snapshot): the token hand-out's
-    /// first step, where on a crowded machine every round trip waits for a core. `None` when
-    /// either is missing; the caller's fuller path tells which.
+    /// The integration with its token row if it has one, in one read (one snapshot): the
+    /// token hand-out's read, where on a crowded machine every round trip waits for a core.
     pub async fn get_integration_with_tokens(
         &self,
         id: Uuid,
-    ) -> StorageResult<Option<(Integration, SealedTokens)>> {
-        let integration = SELECTED.replace(", ", ", i.");
-        let tokens = super::tokens::joined_columns();
+    ) -> StorageResult<Option<(Integration, Option<SealedTokens>)>> {
+        let integration = super::prefixed(READ_COLUMNS, "i");
+        let tokens = super::prefixed(super::tokens::COLUMNS, "t");
         let sql = format!(
-            "SELECT i.{integration}, {tokens} FROM oauth_integrations i \
-             JOIN oauth_tokens t ON t.integration_id = i.id WHERE i.id = $1"
+            "SELECT {integration}, {tokens} FROM oauth_integrations i \
+             LEFT JOIN oauth_tokens t ON t.integration_id = i.id WHERE i.id = $1"
         );
         let row: Option<RowWithTokens> = with_pool!(self, pool => sqlx::query_as(&sql)
             .bind(id)
@@ -210,7 +231,7 @@ impl Database {
 
     /// The integrations among `ids` that exist, in no particular order.
     pub async fn get_integrations(&self, ids: &[Uuid]) -> StorageResult<Vec<Integration>> {
-        let select = format!("SELECT {SELECTED} FROM oauth_integrations WHERE id");
+        let select = format!("SELECT {READ_COLUMNS} FROM oauth_integrations WHERE id");
         let rows: Vec<Row> = self.rows_with_ids(&select, ids).await?;
         rows.into_iter().map(Integration::try_from).collect()
     }
@@ -222,7 +243,7 @@ impl Database {
         page: Page<Uuid>,
     ) -> StorageResult<Paged<Integration, Uuid>> {
         let sql = format!(
-            "SELECT {SELECTED} FROM oauth_integrations \
+            "SELECT {READ_COLUMNS} FROM oauth_integrations \
              WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR provider = $2) \
                AND ($3 IS NULL OR status = $3) AND ($4 IS NULL OR id > $4) \
              ORDER BY id LIMIT $5"
@@ -301,14 +322,14 @@ impl Database {
         F: Fn(Uuid, Option<&SealedTokens>) -> StorageResult<SealedTokens>,
     {
         let find_sql = format!(
-            "SELECT {SELECTED} FROM oauth_integrations \
+            "SELECT {READ_COLUMNS} FROM oauth_integrations \
              WHERE user_id = $1 AND provider = $2 AND provider_account_id = $3"
         );
         let tokens_sql = format!(
             "SELECT {} FROM oauth_tokens WHERE integration_id = $1",
             crate::storage::tokens::COLUMNS
         );
-        let upsert_sql = format!("{UPSERT_CONNECTION_SQL} RETURNING {SELECTED}");
+        let upsert_sql = format!("{UPSERT_CONNECTION_SQL} RETURNING {READ_COLUMNS}");
         // SQLite: take the write lock up front. A deferred transaction that reads first cannot
         // upgrade to a write once another connection has committed (SQLITE_BUSY_SNAPSHOT,
         // returned at once, no busy wait): concurrent callbacks failed with "database is locked".

@@ -194,6 +194,16 @@ fn ping_if_idle<C: sqlx::Connection>(
     })
 }
 
+/// A column list (`"a, b AS c"`) with each column qualified by a table alias (`"t.a, t.b AS c"`),
+/// for joined reads.
+fn prefixed(columns: &str, alias: &str) -> String {
+    columns
+        .split(", ")
+        .map(|column| format!("{alias}.{}", column.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn pg_pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
@@ -372,5 +382,20 @@ impl<T, C> Paged<T, C> {
             None
         };
         Self { items: rows, next }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefixed;
+
+    #[test]
+    fn joined_columns_are_qualified_one_by_one_aliases_kept() {
+        let columns = "id, user_id, \
+            created_at AS integration_created_at, last_error";
+        assert_eq!(
+            prefixed(columns, "i"),
+            "i.id, i.user_id, i.created_at AS integration_created_at, i.last_error"
+        );
     }
 }

@@ -92,8 +92,8 @@ pub(crate) const COLUMNS: &str =
     expires_at, refresh_token_expires_at, generation, created_at, updated_at, refresh_failures, refresh_not_before";
 
 /// [`COLUMNS`] of `oauth_tokens` aliased `t`, for reads joined with `oauth_integrations i`.
-pub(super) fn joined_columns() -> String {
-    format!("t.{}", COLUMNS.replace(", ", ", t."))
+fn joined_columns() -> String {
+    super::prefixed(COLUMNS, "t")
 }
 
 /// What a refresher saw before asking for the lease ([`Database::lease_unchanged_tokens`]).

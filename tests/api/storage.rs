@@ -154,35 +154,45 @@ async fn a_token_row_is_read_with_its_integration_s_current_status() {
     assert!(read(other.id).await.expect("read").is_none());
 }
 
-/// The hand-out's first read: an integration and its token row together, each exactly as
-/// read alone (their `created_at` and `updated_at` columns share names and must not mix), and
-/// nothing for an integration without tokens or an unknown id.
+/// The hand-out's read: an integration and its token row together, each exactly as read alone
+/// (both tables have `created_at` and `updated_at`: four different times here, none may take
+/// another's place), the integration alone when it has no tokens, nothing for an unknown id.
 #[tokio::test]
 async fn an_integration_is_read_with_its_token_row_in_one_read() {
+    use oauth_manager::storage::integrations::IntegrationStatus;
     let app = spawn_app().await;
-    let integration = app.seed_integration("alice", "google").await;
-    let id = integration.id;
+    let seeded = app.seed_integration("alice", "google").await;
+    let id = seeded.id;
     let read = |id| app.db.get_integration_with_tokens(id);
-    assert!(read(id).await.expect("read").is_none(), "no tokens yet");
-    // A new token row is created and updated at `updated_at`: 7 s after the integration.
-    let later = app.clock.now() + Duration::seconds(7);
-    let tokens = SealedTokens {
-        updated_at: later,
-        ..sealed(id, later)
-    };
-    app.db.upsert_tokens(&tokens).await.expect("tokens");
-    let (read_integration, read_tokens) = read(id).await.expect("read").expect("row");
-    assert_eq!(read_integration, integration, "the integration as stored");
-    let alone = app.db.get_tokens(id).await.expect("read").expect("row");
-    assert_eq!(read_tokens, alone, "the same row as get_tokens reads");
-    assert_eq!(
-        (read_tokens.created_at, read_tokens.updated_at),
-        (later, later)
-    );
-    assert_ne!(
-        read_integration.created_at, later,
-        "the two rows' times differ"
-    );
+    let at = |seconds| app.clock.now() + Duration::seconds(seconds);
+    let (alone, tokens) = read(id).await.expect("read").expect("integration");
+    assert_eq!((alone, tokens), (seeded, None), "no tokens yet");
+    let status = IntegrationStatus::Error;
+    let db = &app.db;
+    db.set_integration_status(id, status, Some("e"), at(3))
+        .await
+        .expect("status");
+    // A token row is created at its first write and updated at each later one.
+    for seconds in [5, 7] {
+        let written = SealedTokens {
+            updated_at: at(seconds),
+            ..sealed(id, at(seconds))
+        };
+        db.upsert_tokens(&written).await.expect("tokens");
+    }
+    let (integration, tokens) = read(id).await.expect("read").expect("row");
+    let integration_alone = db.get_integration(id).await.expect("read").expect("row");
+    assert_eq!(integration, integration_alone, "the integration as stored");
+    let tokens = tokens.expect("tokens");
+    let tokens_alone = db.get_tokens(id).await.expect("read").expect("row");
+    assert_eq!(tokens, tokens_alone, "the token row as stored");
+    let times = [
+        integration.created_at,
+        integration.updated_at,
+        tokens.created_at,
+        tokens.updated_at,
+    ];
+    assert_eq!(times, [at(0), at(3), at(5), at(7)]);
     assert!(read(Uuid::now_v7()).await.expect("read").is_none());
 }
 
