@@ -212,11 +212,9 @@ pub struct Config {
     /// a burst of clients does not leave its idle connections' buffers held for the full
     /// timeout.
     pub http_keepalive_connections: usize,
-    /// `OAUTH_MAX_CONNECTIONS` (default 512): client connections open at once. The next one
-    /// waits for a place while every open connection closes after its next response
-    /// (`Connection: close`). 512 is as many requests as the default
-    /// `OAUTH_MAX_CONCURRENT_REQUESTS` lets in at once (256 sign-ins and 256 others): further
-    /// connections would only hold their buffers.
+    /// `OAUTH_MAX_CONNECTIONS` (default 1,024 with PostgreSQL, 512 with SQLite): client
+    /// connections open at once. The next one waits for a place while every open connection
+    /// closes after its next response (`Connection: close`). See `parse_max_connections`.
     pub http_max_connections: usize,
 }
 
@@ -243,6 +241,7 @@ impl Config {
             listen_addr: parse_listen_addr(env)?,
             public_url: parse_public_url(env)?,
             database_pool: parse_pool(env, &database_url)?,
+            http_max_connections: parse_max_connections(env, &database_url)?,
             database_url,
             encryption: parse_encryption_keys(env)?,
             jwt: parse_jwt(env)?,
@@ -276,7 +275,6 @@ impl Config {
                 256,
                 1..=1_000_000,
             )?,
-            http_max_connections: parse_count(env, "OAUTH_MAX_CONNECTIONS", 512, 1..=1_000_000)?,
             allowed_return_urls: parse_return_urls(env)?,
             redis_url: parse_redis_url(env)?,
             log_format: parse_log_format(env)?,
@@ -380,6 +378,20 @@ fn parse_pool(env: &Env<'_>, database_url: &SecretString) -> Result<PoolSettings
     Ok(PoolSettings {
         max_connections: u32::try_from(max).unwrap_or(default.max_connections),
     })
+}
+
+/// `OAUTH_MAX_CONNECTIONS`: 1,024 with PostgreSQL, so that a crowd of 1,000 callers with a
+/// connection each is read while the first of them waits (for a refresh, say) instead of half
+/// of it connecting again after the answers; 512 with SQLite, whose page caches and connection
+/// threads share the process's memory: a burst of 1,000 sign-ins on 1,024 connections took
+/// its peak over 64 MB there, while PostgreSQL stayed under (BENCHMARKS.md, session 18).
+fn parse_max_connections(env: &Env<'_>, database_url: &SecretString) -> Result<usize, ConfigError> {
+    let default = if is_postgres_url(database_url.expose_secret()) {
+        1024
+    } else {
+        512
+    };
+    parse_count(env, "OAUTH_MAX_CONNECTIONS", default, 1..=1_000_000)
 }
 
 fn parse_database_url(env: &Env<'_>) -> Result<SecretString, ConfigError> {
@@ -862,6 +874,7 @@ mod tests {
         );
         let postgres = load(&[("DATABASE_URL", "postgres://db.internal/oauth")]).expect("pg");
         assert_eq!(postgres.database_pool.max_connections, 16);
+        assert_eq!(postgres.http_max_connections, 1024);
         let tuned = load(&[
             ("OAUTH_DATABASE_MAX_CONNECTIONS", "32"),
             ("OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS", "0"),

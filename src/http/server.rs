@@ -7,8 +7,8 @@
 //! open for ever. Here hyper's header-read timeout is set: a connection without a complete
 //! request head for `idle_timeout` is closed, whether it is idle between requests or trickling
 //! its headers in. Requests in progress are not limited by it (the 30 s request timeout is).
-//! And at most `max_connections` are open: beyond the requests the service handles at once,
-//! more connections would only hold buffers (see [`ConnectionSettings::max_connections`]).
+//! And at most `max_connections` are open, which bounds the buffers a flood of connections can
+//! hold (see [`ConnectionSettings::max_connections`]).
 //!
 //! Half-close mode: while a request is being handled, hyper does not read the connection to
 //! notice that the client went away. A handler therefore runs to its end even when the browser
@@ -55,8 +55,9 @@ pub struct ConnectionSettings {
     /// many are open waits for a place (none is refused), and for each waiting client one
     /// open connection closes after its next response, which says `Connection: close`. Idle
     /// connections are not cut (a client may be sending on one); they make room at their idle
-    /// timeout. More connections than requests the service handles at once would only hold
-    /// buffers (BENCHMARKS.md, session 12).
+    /// timeout. Each open connection holds its buffers; more of them than requests the service
+    /// handles at once still pay when a crowd asks at once and then waits, for a refresh say:
+    /// their requests are read meanwhile (BENCHMARKS.md, sessions 12 and 18).
     pub max_connections: usize,
 }
 
