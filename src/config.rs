@@ -875,6 +875,12 @@ mod tests {
         let postgres = load(&[("DATABASE_URL", "postgres://db.internal/oauth")]).expect("pg");
         assert_eq!(postgres.database_pool.max_connections, 16);
         assert_eq!(postgres.http_max_connections, 1024);
+        let postgres_tuned = load(&[
+            ("DATABASE_URL", "postgres://db.internal/oauth"),
+            ("OAUTH_MAX_CONNECTIONS", "600"),
+        ])
+        .expect("pg tuned");
+        assert_eq!(postgres_tuned.http_max_connections, 600);
         let tuned = load(&[
             ("OAUTH_DATABASE_MAX_CONNECTIONS", "32"),
             ("OAUTH_AUDIT_HANDOUT_WINDOW_SECONDS", "0"),

@@ -1255,6 +1255,8 @@ async fn refresh_storm(
 struct BackendResult {
     backend: &'static str,
     version: String,
+    /// The service's `OAUTH_MAX_CONNECTIONS` in effect (its default depends on the backend).
+    max_connections: usize,
     healthz: Measured,
     token: Measured,
     storm: Storm,
@@ -1282,6 +1284,7 @@ async fn run_on(
     let fake = Arc::new(fake_runtime.handle()?.spawn(FakeProvider::start()).await?);
     let service = start_service(database_url, &fake).await?;
     let version = server_version(service.db()).await;
+    let max_connections = config_from(&service.vars)?.http_max_connections;
     let started = Instant::now();
     let ids = seed(&service, options.integrations).await?;
     eprintln!(
@@ -1334,6 +1337,7 @@ async fn run_on(
     Ok(BackendResult {
         backend: backend.name(),
         version,
+        max_connections,
         healthz,
         token,
         storm,
@@ -1472,6 +1476,9 @@ fn report(options: &Options, results: &[BackendResult]) -> String {
             ms(m.max())
         )
     };
+    row("client connection limit (`OAUTH_MAX_CONNECTIONS`)", &|r| {
+        r.max_connections.to_string()
+    });
     row("`/healthz` requests/s", &|r| {
         format!("{:.0}", r.healthz.per_second())
     });

@@ -55,9 +55,9 @@ pub struct ConnectionSettings {
     /// many are open waits for a place (none is refused), and for each waiting client one
     /// open connection closes after its next response, which says `Connection: close`. Idle
     /// connections are not cut (a client may be sending on one); they make room at their idle
-    /// timeout. Each open connection holds its buffers; more of them than requests the service
-    /// handles at once still pay when a crowd asks at once and then waits, for a refresh say:
-    /// their requests are read meanwhile (BENCHMARKS.md, sessions 12 and 18).
+    /// timeout. Each open connection holds its buffers. More connections than requests the
+    /// service handles at once still shorten a crowd that asks at once and then waits (for a
+    /// refresh, say): their requests are read meanwhile (BENCHMARKS.md, sessions 12 and 18).
     pub max_connections: usize,
 }
 

@@ -110,7 +110,8 @@ where
 {
     fn from_row(row: &'r R) -> Result<Self, sqlx::Error> {
         let integration = Row::from_row(row)?;
-        // Null only when the join found no token row: the column is the row's primary key.
+        // Null only when the join found no token row: a token row's `integration_id` equals
+        // the integration's id (the join condition).
         let token_row: Option<Uuid> = row.try_get("integration_id")?;
         let tokens = match token_row {
             Some(_) => Some(SealedTokens::from_row(row)?),
@@ -216,7 +217,7 @@ impl Database {
         id: Uuid,
     ) -> StorageResult<Option<(Integration, Option<SealedTokens>)>> {
         let integration = super::prefixed(READ_COLUMNS, "i");
-        let tokens = super::prefixed(super::tokens::COLUMNS, "t");
+        let tokens = super::tokens::joined_columns();
         let sql = format!(
             "SELECT {integration}, {tokens} FROM oauth_integrations i \
              LEFT JOIN oauth_tokens t ON t.integration_id = i.id WHERE i.id = $1"

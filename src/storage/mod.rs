@@ -194,11 +194,15 @@ fn ping_if_idle<C: sqlx::Connection>(
     })
 }
 
-/// A column list (`"a, b AS c"`) with each column qualified by a table alias (`"t.a, t.b AS c"`),
-/// for joined reads.
+/// A list of plain columns (`"a, b AS c"`) with each qualified by a table alias
+/// (`"t.a, t.b AS c"`), for joined reads. Not for expressions (`COALESCE(a, b)`).
 fn prefixed(columns: &str, alias: &str) -> String {
+    debug_assert!(
+        !columns.contains('('),
+        "expressions are not qualified: {columns}"
+    );
     columns
-        .split(", ")
+        .split(',')
         .map(|column| format!("{alias}.{}", column.trim()))
         .collect::<Vec<_>>()
         .join(", ")
@@ -390,12 +394,18 @@ mod tests {
     use super::prefixed;
 
     #[test]
-    fn joined_columns_are_qualified_one_by_one_aliases_kept() {
-        let columns = "id, user_id, \
-            created_at AS integration_created_at, last_error";
+    fn columns_are_qualified_one_by_one_with_their_aliases() {
+        let columns = "id,user_id, \
+            created_at AS integration_created_at,last_error";
         assert_eq!(
             prefixed(columns, "i"),
             "i.id, i.user_id, i.created_at AS integration_created_at, i.last_error"
         );
+        let tokens = prefixed(super::tokens::COLUMNS, "t");
+        assert!(
+            tokens.starts_with("t.integration_id, t.key_id, "),
+            "{tokens}"
+        );
+        assert_eq!(tokens.matches("t.").count(), 13, "{tokens}");
     }
 }

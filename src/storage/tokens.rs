@@ -92,7 +92,7 @@ pub(crate) const COLUMNS: &str =
     expires_at, refresh_token_expires_at, generation, created_at, updated_at, refresh_failures, refresh_not_before";
 
 /// [`COLUMNS`] of `oauth_tokens` aliased `t`, for reads joined with `oauth_integrations i`.
-fn joined_columns() -> String {
+pub(super) fn joined_columns() -> String {
     super::prefixed(COLUMNS, "t")
 }
 

@@ -120,32 +120,41 @@ async fn hand_out_rows_of_64_concurrent(app: &TestApp, id: &str) -> Vec<AuditEve
         .collect()
 }
 
-/// A hand-out refused for the integration's state (its tokens still stored) is audited as a
-/// failure, with the reason given to the caller, as a served one is audited as a success.
+/// A hand-out refused for the integration's state (given up, its tokens still stored) or for
+/// want of tokens (an active integration without a token row) answers `reauth_required` and is
+/// audited as a failure, as a served one is audited as a success.
 #[tokio::test]
-async fn a_hand_out_refused_for_the_integration_s_state_is_audited_as_a_failure() {
+async fn a_refused_hand_out_is_audited_as_a_failure() {
     use oauth_manager::clock::Clock;
     use oauth_manager::storage::integrations::IntegrationStatus;
     let (app, fake) = spawn_with_fake_and(&[]).await;
-    let id = connected(&app, &fake, "google", "g-1").await;
-    let uuid = id.parse().expect("uuid");
+    let given_up = connected(&app, &fake, "google", "g-1").await;
+    let uuid = given_up.parse().expect("uuid");
     let now = app.clock.now();
-    let given_up = IntegrationStatus::NeedsReauth;
+    let status = IntegrationStatus::NeedsReauth;
     app.db
-        .set_integration_status(uuid, given_up, Some("invalid_grant"), now)
+        .set_integration_status(uuid, status, Some("invalid_grant"), now)
         .await
         .expect("status");
     assert!(app.db.get_tokens(uuid).await.expect("read").is_some());
-    let (status, body) = problem(get_token(&app, &id).await).await;
-    assert_eq!(status, 409, "{body}");
-    assert_eq!(body["code"], "reauth_required");
-    let refused: Vec<AuditEvent> = audit_events(&app, Some("alice"))
-        .await
-        .items
-        .into_iter()
-        .filter(|event| event.action == "token_handed_out" && event.outcome == "failure")
-        .collect();
-    assert_eq!(refused.len(), 1, "{refused:?}");
+    let without_tokens = app.seed_integration("alice", "google").await.id.to_string();
+    for id in [&given_up, &without_tokens] {
+        let (status, body) = problem(get_token(&app, id).await).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (409, Some("reauth_required")),
+            "{id}"
+        );
+    }
+    let events = audit_events(&app, Some("alice")).await.items;
+    for id in [&given_up, &without_tokens] {
+        let refused: Vec<&AuditEvent> = events
+            .iter()
+            .filter(|event| event.action == "token_handed_out" && event.outcome == "failure")
+            .filter(|event| event.integration_id.map(|uuid| uuid.to_string()).as_ref() == Some(id))
+            .collect();
+        assert_eq!(refused.len(), 1, "{id}: {refused:?}");
+    }
 }
 
 #[tokio::test]
