@@ -578,12 +578,8 @@ fn reauth(integration: &Integration) -> ServiceError {
     }
 }
 
-/// Returns tokens that satisfy `trigger`, refreshing at most once across all callers.
-///
-/// A token that needs nothing is returned without any lock. Otherwise the work runs in a
-/// detached task: a caller that goes away (client disconnect, request timeout) must not abort
-/// a refresh the provider may already have answered, or the rotated refresh token would be lost.
-/// `start`: where the caller's reads began (before it read `integration`), for the cache.
+/// [`ensure_fresh_from`] the token row as stored now. `start`: where the caller's reads began
+/// (before it read `integration`), for the cache.
 pub async fn ensure_fresh(
     ctx: &Context,
     integration: &Integration,
@@ -607,7 +603,12 @@ struct TokenRead {
     start: ReadStart,
 }
 
-/// [`ensure_fresh`] with the token row already read.
+/// Returns tokens that satisfy `trigger`, refreshing at most once across all callers, starting
+/// from the token row as `read`.
+///
+/// A token that needs nothing is returned without any lock. Otherwise the work runs in a
+/// detached task: a caller that goes away (client disconnect, request timeout) must not abort
+/// a refresh the provider may already have answered, or the rotated refresh token would be lost.
 async fn ensure_fresh_from(
     ctx: &Context,
     integration: &Integration,

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -216,13 +217,16 @@ impl Database {
         &self,
         id: Uuid,
     ) -> StorageResult<Option<(Integration, Option<SealedTokens>)>> {
-        let integration = super::prefixed(READ_COLUMNS, "i");
-        let tokens = super::tokens::joined_columns();
-        let sql = format!(
-            "SELECT {integration}, {tokens} FROM oauth_integrations i \
-             LEFT JOIN oauth_tokens t ON t.integration_id = i.id WHERE i.id = $1"
-        );
-        let row: Option<RowWithTokens> = with_pool!(self, pool => sqlx::query_as(&sql)
+        // Built once: this is the hand-out's read, and the column lists are qualified one by one.
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            let integration = super::prefixed(READ_COLUMNS, "i");
+            let tokens = super::tokens::joined_columns();
+            format!(
+                "SELECT {integration}, {tokens} FROM oauth_integrations i \
+                 LEFT JOIN oauth_tokens t ON t.integration_id = i.id WHERE i.id = $1"
+            )
+        });
+        let row: Option<RowWithTokens> = with_pool!(self, pool => sqlx::query_as(SQL.as_str())
             .bind(id)
             .fetch_optional(pool)
             .await)?;
